@@ -1,0 +1,1 @@
+"""Persistence: tables, the repository, the group-committing writer, engines and migrations."""

@@ -1,0 +1,139 @@
+"""Engines, connection settings and units of work for SQLite (default) and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from chatserver.errors import StorageUnavailable
+from chatserver.storage.repository import Repository
+
+T = TypeVar("T")
+
+SYNC_LEVELS = ("full", "normal")
+BUSY_TIMEOUT_MS = 30_000  # how long a SQLite writer waits for another process's lock
+
+
+def database_url(path_or_url: str) -> str:
+    """A SQLAlchemy URL for ``path_or_url``: URLs pass through, anything else is a SQLite file."""
+    if "://" in path_or_url:
+        return path_or_url
+    return "sqlite+pysqlite:///" + os.path.abspath(path_or_url)
+
+
+def _configure_sqlite(engine: Engine, sync: str, begin_sql: str) -> None:
+    """Pragmas on every new connection, and our own BEGIN.
+
+    pysqlite's implicit transactions are switched off so that SQLAlchemy's ``begin`` emits the
+    statement we choose: BEGIN IMMEDIATE for writers, so that a writer takes the lock up front
+    and waits in busy_timeout instead of failing with "database is locked" when it upgrades a
+    read lock (a deferred read-then-write transaction ignores the busy timeout).
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.execute(f"PRAGMA synchronous = {sync.upper()}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        conn.exec_driver_sql(begin_sql)
+
+
+class Database:
+    """One chat database: a write engine, a read engine and how to open units of work.
+
+    For SQLite the write engine begins with BEGIN IMMEDIATE and the read engine with a plain
+    (deferred) BEGIN, which in WAL mode reads a consistent snapshot without blocking writers.
+    """
+
+    def __init__(self, path_or_url: str, *, sync: str = "full", pool_size: int = 8):
+        if sync not in SYNC_LEVELS:
+            raise ValueError(f"sync must be one of {SYNC_LEVELS}")
+        self.url = database_url(path_or_url)
+        self.sync = sync
+        self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            self.path = make_url(self.url).database
+            self.write_engine = create_engine(self.url, pool_size=pool_size, max_overflow=32)
+            _configure_sqlite(self.write_engine, sync, "BEGIN IMMEDIATE")
+            self.read_engine = create_engine(self.url, pool_size=pool_size, max_overflow=64)
+            _configure_sqlite(self.read_engine, sync, "BEGIN")
+        else:
+            self.path = None
+            self.write_engine = create_engine(self.url, pool_size=pool_size, max_overflow=64,
+                                              pool_pre_ping=True)
+            self.read_engine = self.write_engine
+
+    def enable_wal(self) -> None:
+        """Switch a SQLite file to WAL (persistent in the file; readers never block the writer)."""
+        if self.is_sqlite:
+            raw = self.write_engine.raw_connection()
+            try:
+                raw.cursor().execute("PRAGMA journal_mode = WAL")
+            finally:
+                raw.close()
+
+    @contextmanager
+    def unit_of_work(self) -> Iterator[UnitOfWork]:
+        """A write transaction that rolls back unless ``commit()`` is called."""
+        with storage_errors():
+            with self.write_engine.connect() as conn:
+                uow = UnitOfWork(conn)
+                try:
+                    yield uow
+                finally:
+                    uow.close()
+
+    def read(self, fn: Callable[[Repository], T]) -> T:
+        """Run ``fn`` in a read-only snapshot and return its result."""
+        with storage_errors():
+            with self.read_engine.connect() as conn, conn.begin():
+                return fn(Repository(conn))
+
+    def dispose(self) -> None:
+        self.write_engine.dispose()
+        if self.read_engine is not self.write_engine:
+            self.read_engine.dispose()
+
+
+class UnitOfWork:
+    """Wraps one transaction; ``repo`` is the repository bound to it."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self._tx = conn.begin()
+        self.repo = Repository(conn)
+        self._done = False
+
+    def commit(self) -> None:
+        self._tx.commit()
+        self._done = True
+
+    def close(self) -> None:
+        if not self._done:
+            self._tx.rollback()
+            self._done = True
+
+
+@contextmanager
+def storage_errors() -> Iterator[None]:
+    """Turn database-level failures (disk full, read-only, I/O) into StorageUnavailable."""
+    try:
+        yield
+    except OperationalError as exc:
+        raise StorageUnavailable(f"the database is unavailable: {exc.orig}") from exc
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise StorageUnavailable("lost the connection to the database") from exc
+        raise

@@ -1,0 +1,201 @@
+"""The repository: accounts and messages as collections, over one SQLAlchemy Connection.
+
+It knows nothing of sockets or sessions. Every statement is a Core statement with bound
+parameters; the caller owns the transaction (a unit of work or the group-commit writer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from sqlalchemy import Connection, and_, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from chatserver.domain import LIKE_ESCAPE, Account, SearchPattern, StoredMessage
+from chatserver.errors import NameTaken
+from chatserver.storage.tables import accounts, messages, send_receipts
+
+_ACCOUNT_COLUMNS = (accounts.c.id, accounts.c.name, accounts.c.created_at, accounts.c.last_login_at)
+_MESSAGE_COLUMNS = (
+    messages.c.id,
+    messages.c.sender_name,
+    messages.c.recipient_id,
+    messages.c.sent_at,
+    messages.c.body,
+)
+
+
+def _account(row) -> Account:
+    return Account(id=row[0], name=row[1], created_at=row[2], last_login_at=row[3])
+
+
+def _message(row) -> StoredMessage:
+    return StoredMessage(id=row[0], sender=row[1], recipient_id=row[2], sent_at=row[3], body=row[4])
+
+
+def _prefix_upper_bound(prefix: str) -> str:
+    """The smallest string greater than every string starting with ``prefix``."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+class Repository:
+    """Accounts and undelivered messages, read and written through ``conn``."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    # -- accounts ---------------------------------------------------------------------------
+
+    def add_account(self, name: str, key: str, password_hash: str, now: int) -> Account:
+        """Insert an account; raise NameTaken if ``key`` is in use (by any process)."""
+        if self.account_id_by_key(key) is not None:
+            raise NameTaken(f"the name {name!r} is taken")
+        try:
+            with self.conn.begin_nested():
+                new_id = self.conn.execute(
+                    insert(accounts).values(
+                        name=name, name_key=key, password_hash=password_hash,
+                        created_at=now, last_login_at=now,
+                    )
+                ).inserted_primary_key[0]
+        except IntegrityError:  # another process registered it between check and insert
+            raise NameTaken(f"the name {name!r} is taken") from None
+        return Account(id=new_id, name=name, created_at=now, last_login_at=now)
+
+    def account_id_by_key(self, key: str) -> int | None:
+        return self.conn.execute(select(accounts.c.id).where(accounts.c.name_key == key)).scalar()
+
+    def get_by_key(self, key: str) -> tuple[Account, str] | None:
+        """The account with this name key and its password hash, or None."""
+        row = self.conn.execute(
+            select(*_ACCOUNT_COLUMNS, accounts.c.password_hash).where(accounts.c.name_key == key)
+        ).first()
+        return None if row is None else (_account(row), row[4])
+
+    def get(self, account_id: int) -> Account | None:
+        row = self.conn.execute(select(*_ACCOUNT_COLUMNS).where(accounts.c.id == account_id)).first()
+        return None if row is None else _account(row)
+
+    def password_hash(self, account_id: int) -> str | None:
+        return self.conn.execute(
+            select(accounts.c.password_hash).where(accounts.c.id == account_id)
+        ).scalar()
+
+    def set_password_hash(self, account_id: int, password_hash: str) -> None:
+        self.conn.execute(
+            update(accounts).where(accounts.c.id == account_id).values(password_hash=password_hash)
+        )
+
+    def record_login(self, account_id: int, now: int) -> None:
+        self.conn.execute(
+            update(accounts).where(accounts.c.id == account_id).values(last_login_at=now)
+        )
+
+    def search(self, pattern: SearchPattern, after: str, limit: int) -> list[Account]:
+        """Accounts whose name key matches, ordered by key, strictly after ``after``.
+
+        The literal prefix becomes a key range so the unique index on ``name_key`` serves
+        prefix searches on any backend; LIKE then filters within the range.
+        """
+        key = accounts.c.name_key
+        conditions = [key.like(pattern.like, escape=LIKE_ESCAPE)]
+        if pattern.prefix:
+            conditions += [key >= pattern.prefix, key < _prefix_upper_bound(pattern.prefix)]
+        if after:
+            conditions.append(key > after.casefold())
+        rows = self.conn.execute(
+            select(*_ACCOUNT_COLUMNS).where(and_(*conditions)).order_by(key).limit(limit)
+        )
+        return [_account(r) for r in rows]
+
+    def delete_account(self, account_id: int) -> int:
+        """Delete the account and its undelivered incoming messages; return how many."""
+        discarded = self.count_undelivered(account_id)
+        # Explicit deletes rather than relying on ON DELETE CASCADE alone, so the outcome does
+        # not depend on the foreign_keys pragma of whoever opened the file.
+        self.conn.execute(delete(messages).where(messages.c.recipient_id == account_id))
+        self.conn.execute(delete(send_receipts).where(send_receipts.c.sender_id == account_id))
+        self.conn.execute(
+            update(messages).where(messages.c.sender_id == account_id).values(sender_id=None)
+        )
+        self.conn.execute(delete(accounts).where(accounts.c.id == account_id))
+        return discarded
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def add_message(
+        self, sender: Account, recipient_id: int, body: str, now: int, client_msg_id: str = ""
+    ) -> int:
+        """Store a message and, with a client_msg_id, its receipt; return the new id."""
+        message_id = self.conn.execute(
+            insert(messages).values(
+                recipient_id=recipient_id, sender_id=sender.id, sender_name=sender.name,
+                sent_at=now, body=body,
+            )
+        ).inserted_primary_key[0]
+        if client_msg_id:
+            self.conn.execute(
+                insert(send_receipts).values(
+                    sender_id=sender.id, client_msg_id=client_msg_id,
+                    message_id=message_id, created_at=now,
+                )
+            )
+        return message_id
+
+    def receipt(self, sender_id: int, client_msg_id: str) -> int | None:
+        """The message id an earlier send with this client_msg_id got, or None."""
+        return self.conn.execute(
+            select(send_receipts.c.message_id).where(
+                send_receipts.c.sender_id == sender_id,
+                send_receipts.c.client_msg_id == client_msg_id,
+            )
+        ).scalar()
+
+    def undelivered(self, recipient_id: int, limit: int) -> list[StoredMessage]:
+        """The recipient's unacknowledged messages, oldest first."""
+        rows = self.conn.execute(
+            select(*_MESSAGE_COLUMNS)
+            .where(messages.c.recipient_id == recipient_id)
+            .order_by(messages.c.id)
+            .limit(limit)
+        )
+        return [_message(r) for r in rows]
+
+    def count_undelivered(self, recipient_id: int) -> int:
+        return self.conn.execute(
+            select(func.count()).select_from(messages).where(messages.c.recipient_id == recipient_id)
+        ).scalar_one()
+
+    def delete_messages(self, recipient_id: int, ids: Iterable[int]) -> int:
+        """Delete the listed messages of this recipient (acknowledged); return how many.
+
+        Always by explicit id: a message stored after the client's fetch stays queued.
+        """
+        ids = list(ids)
+        if not ids:
+            return 0
+        result = self.conn.execute(
+            delete(messages).where(messages.c.recipient_id == recipient_id, messages.c.id.in_(ids))
+        )
+        return result.rowcount
+
+    # -- administration ---------------------------------------------------------------------
+
+    def account_summaries(
+        self, pattern: SearchPattern, limit: int | None = None
+    ) -> Sequence[tuple[Account, int]]:
+        """Accounts matching ``pattern`` with their undelivered counts, ordered by name key."""
+        counts = (
+            select(messages.c.recipient_id, func.count().label("n"))
+            .group_by(messages.c.recipient_id)
+            .subquery()
+        )
+        stmt = (
+            select(*_ACCOUNT_COLUMNS, func.coalesce(counts.c.n, 0))
+            .select_from(accounts.outerjoin(counts, counts.c.recipient_id == accounts.c.id))
+            .where(accounts.c.name_key.like(pattern.like, escape=LIKE_ESCAPE))
+            .order_by(accounts.c.name_key)
+        )
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return [(_account(r), r[4]) for r in self.conn.execute(stmt)]

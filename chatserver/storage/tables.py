@@ -1,0 +1,87 @@
+"""The database schema as typed SQLAlchemy models.
+
+The hot path (store, fetch, ack) uses Core statements on ``Model.__table__`` rather than one
+ORM object per message; the models exist so that Alembic can compare them with the
+migrations (``alembic check``) and so the schema is readable in one place.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Named constraints, so that migrations (batch mode on SQLite) can refer to them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only makes INTEGER PRIMARY KEY an alias of the rowid; BIGINT elsewhere.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class AccountRow(Base):
+    """An account. ``name_key`` (case-folded name) carries the uniqueness rule."""
+
+    __tablename__ = "accounts"
+    # AUTOINCREMENT: ids are never reused, so a new account with a deleted account's name can
+    # never be mistaken for it.
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(32))
+    name_key: Mapped[str] = mapped_column(String(32), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[int] = mapped_column(BigInteger)  # ms since the Unix epoch, UTC
+    last_login_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class MessageRow(Base):
+    """A message accepted and not yet acknowledged by its recipient."""
+
+    __tablename__ = "messages"
+    # AUTOINCREMENT: message ids are never reused, so a client's "seen ids" stay valid.
+    __table_args__ = (
+        Index("ix_messages_recipient_id_id", "recipient_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    recipient_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False
+    )
+    # The sender's name is copied so its messages stay deliverable after it is deleted.
+    sender_id: Mapped[int | None] = mapped_column(
+        ForeignKey("accounts.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    sender_name: Mapped[str] = mapped_column(String(32))
+    sent_at: Mapped[int] = mapped_column(BigInteger)
+    body: Mapped[str] = mapped_column(Text)
+
+
+class SendReceiptRow(Base):
+    """Remembers (sender, client_msg_id) -> message id, so a retried send stores nothing new.
+
+    Kept apart from ``messages`` because it must outlive the message's acknowledgement.
+    """
+
+    __tablename__ = "send_receipts"
+
+    sender_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    client_msg_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    message_id: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+accounts = AccountRow.__table__
+messages = MessageRow.__table__
+send_receipts = SendReceiptRow.__table__

@@ -1,0 +1,135 @@
+"""The single writer thread: every write of the server goes through it, batched.
+
+Why one writer: SQLite allows one writer at a time, and a commit (an fsync with
+synchronous=FULL) costs far more than the statements in it. Jobs that arrive while a commit
+is under way are run together in the next transaction and share its one commit (group
+commit). Each job runs in its own savepoint, so one refused job does not undo the others. A
+job's future is resolved only after the commit that contains it, so whoever waits on it
+knows its write is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+
+from chatserver.errors import ChatError, ShuttingDown, StorageUnavailable
+from chatserver.storage.database import storage_errors
+from chatserver.storage.repository import Repository
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1024  # jobs per transaction; bounds the time a commit holds the write lock
+_STOP = object()
+
+
+class GroupCommitWriter:
+    """Runs write jobs ``job(repo) -> result`` on one thread, many jobs per commit."""
+
+    def __init__(self, engine: Engine, *, max_batch: int = MAX_BATCH,
+                 on_commit: Callable[[int, float], None] | None = None):
+        self._engine = engine
+        self._max_batch = max_batch
+        self._on_commit = on_commit
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[Repository], T]) -> Future[T]:
+        """Queue a job; its future resolves after the commit that contains it."""
+        future: Future[T] = Future()
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down")
+            self._queue.put((job, future))
+        return future
+
+    def run(self, job: Callable[[Repository], T]) -> T:
+        """Submit a job and wait for its committed result (or its exception)."""
+        return self.submit(job).result()
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Finish the queued jobs, then stop the thread. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        conn = None
+        stopping = False
+        while not stopping:
+            batch = [self._queue.get()]
+            while len(batch) < self._max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if batch[-1] is _STOP or _STOP in batch:
+                stopping = True
+                batch = [item for item in batch if item is not _STOP]
+            if not batch:
+                continue
+            try:
+                if conn is None:
+                    conn = self._engine.connect()
+                self._commit_batch(conn, batch)
+            except Exception as exc:  # the database failed: every job of the batch is refused
+                log.error("write batch of %d failed: %s", len(batch), exc)
+                error = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(
+                    "the database could not store this; nothing was changed")
+                for _job, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:  # a broken connection may fail to close; drop it
+                        pass
+                    conn = None
+        if conn is not None:
+            conn.close()
+
+    def _commit_batch(self, conn, batch) -> None:
+        outcomes: list[tuple[Future, bool, Any]] = []
+        started = time.perf_counter()
+        with storage_errors():
+            with conn.begin():
+                repo = Repository(conn)
+                for job, future in batch:
+                    if not future.set_running_or_notify_cancel():
+                        continue
+                    try:
+                        with conn.begin_nested():
+                            outcomes.append((future, True, job(repo)))
+                    except ChatError as exc:
+                        outcomes.append((future, False, exc))
+                    except Exception as exc:
+                        if _is_storage_failure(exc):
+                            raise
+                        log.exception("write job failed")
+                        outcomes.append((future, False, exc))
+        if self._on_commit is not None:
+            self._on_commit(len(batch), time.perf_counter() - started)
+        for future, ok, value in outcomes:
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+
+def _is_storage_failure(exc: Exception) -> bool:
+    return isinstance(exc, (OperationalError, StorageUnavailable))
