@@ -63,6 +63,9 @@ class Database:
         self.url = database_url(path_or_url)
         self.sync = sync
         self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
+        # For messages and logs: never print a password that is part of the URL.
+        self.display_name = (make_url(self.url).database if self.is_sqlite
+                             else make_url(self.url).render_as_string(hide_password=True))
         if self.is_sqlite:
             self.path = make_url(self.url).database
             self.write_engine = create_engine(self.url, pool_size=pool_size, max_overflow=32)

@@ -145,7 +145,7 @@ def backup_sqlite(db: Database, dest: str | None = None, *, suffix: str = "backu
 
 
 def _where(db: Database) -> str:
-    return db.path if db.is_sqlite else db.write_engine.url.render_as_string(hide_password=True)
+    return db.display_name
 
 
 def _cli_db(db: Database) -> str:

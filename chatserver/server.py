@@ -1,0 +1,362 @@
+"""The threaded TCP server: bytes <-> codec <-> service, one thread per connection.
+
+Each connection has a reader thread (socketserver's handler) that decodes frames and runs
+requests in order, and an ``Outbox`` writer thread for its replies and pushes. Errors are
+contained per connection: a peer's bad bytes end that connection, never the server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass
+
+from chatserver import domain
+from chatserver.domain import Account, StoredMessage
+from chatserver.errors import AlreadyLoggedIn, ChatError, NotLoggedIn
+from chatserver.protocol import (
+    CLOSED,
+    MAX_FRAME_SIZE,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Ack,
+    AccountDeleted,
+    AccountEntry,
+    AccountList,
+    Acked,
+    Connection,
+    DeleteAccount,
+    Error,
+    Fetch,
+    Hello,
+    ListAccounts,
+    LoggedIn,
+    Login,
+    Logout,
+    Message,
+    Messages,
+    Notice,
+    Ok,
+    Ping,
+    Pong,
+    Push,
+    Register,
+    RemoteProtocolError,
+    Send,
+    Sent,
+    Welcome,
+    encode_event,
+)
+from chatserver.service import ChatService
+from chatserver.sessions import OUTBOX_MAX_BYTES, Outbox, SessionRegistry
+
+log = logging.getLogger("chatserver")
+
+SUPPORTED_VERSIONS = (PROTOCOL_VERSION,)
+RECV_BYTES = 256 * 1024  # read big chunks: fewer syscalls when requests are pipelined
+# Room left in a Messages frame for its fixed fields, so a fetch reply never exceeds the limit.
+_MESSAGES_FRAME_OVERHEAD = 64
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of a running server (see ``chat serve --help`` and docs/LIMITS)."""
+
+    host: str = "127.0.0.1"
+    port: int = 2023
+    max_connections: int = 1000
+    heartbeat_interval: int = 30  # seconds of silence before a ping; 0 disables heartbeats
+    max_message_bytes: int = domain.MAX_MESSAGE_BYTES
+    max_frame_size: int = MAX_FRAME_SIZE
+    outbox_max_bytes: int = OUTBOX_MAX_BYTES
+    server_name: str = "chat/0.1"
+
+
+def message_event(message: StoredMessage) -> Message:
+    return Message(id=message.id, sender=message.sender, sent_at=message.sent_at, body=message.body)
+
+
+class ChatConnection(socketserver.BaseRequestHandler):
+    """One client connection: its codec, its login state, its outbox."""
+
+    server: ChatServer
+
+    def setup(self) -> None:
+        self.sock: socket.socket = self.request
+        self.peer = "%s:%s" % self.client_address[:2]
+        self.codec = Connection(role="server", max_frame_size=self.server.config.max_frame_size)
+        self.account: Account | None = None
+        self.closing = False
+        self._ping_nonce = itertools.count(1)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.server.config.heartbeat_interval:
+            self.sock.settimeout(self.server.config.heartbeat_interval)
+        self.outbox = Outbox(self.sock, name=self.peer,
+                             max_bytes=self.server.config.outbox_max_bytes)
+        log.info("connect %s", self.peer)
+
+    # -- the read loop ----------------------------------------------------------------------
+
+    def handle(self) -> None:
+        if not self.server.admit(self):
+            self.reply_error(0, "server_full", "the server is at its connection limit")
+            return
+        unanswered_pings = 0
+        while not self.closing:
+            try:
+                data = self.sock.recv(RECV_BYTES)
+            except TimeoutError:
+                # Silence for a heartbeat interval: ping; a second silent interval means the
+                # peer is gone (half-open TCP) and the connection is closed.
+                if unanswered_pings:
+                    log.info("no heartbeat from %s, closing", self.peer)
+                    return
+                unanswered_pings += 1
+                self.send(Ping(nonce=next(self._ping_nonce) & 0xFFFFFFFF))
+                continue
+            except OSError:
+                return
+            unanswered_pings = 0
+            self.codec.receive_data(data)
+            if not self.process_events():
+                return
+            if not data:
+                return
+
+    def process_events(self) -> bool:
+        """Handle every complete frame received; False when the connection must end."""
+        while not self.closing:
+            try:
+                event = self.codec.next_event()
+            except RemoteProtocolError as exc:
+                log.info("protocol error from %s: %s", self.peer, exc)
+                self.reply_error(0, "protocol_error", str(exc))
+                return False
+            if event is NEED_DATA:
+                return True
+            if event is CLOSED:
+                return False
+            self.dispatch(event)
+        return False
+
+    def dispatch(self, event) -> None:
+        if isinstance(event, Ping):
+            self.send(Pong(nonce=event.nonce))
+            return
+        if isinstance(event, Pong):
+            return
+        handler = _REQUEST_HANDLERS[type(event)]
+        try:
+            if type(event) in _LOGIN_REQUIRED and self.account is None:
+                raise NotLoggedIn("log in first")
+            if type(event) in _ANONYMOUS_ONLY and self.account is not None:
+                raise AlreadyLoggedIn(f"already logged in as {self.account.name}; log out first")
+            reply = handler(self, event)
+        except ChatError as exc:
+            reply = Error(request_id=event.request_id, code=exc.code, text=exc.message,
+                          retry_after_ms=exc.retry_after_ms)
+        except Exception:
+            log.exception("internal error on %s from %s", type(event).__name__, self.peer)
+            reply = Error(request_id=event.request_id, code="internal_error",
+                          text="internal server error")
+        if reply is not None:
+            self.send(reply)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def on_hello(self, event: Hello):
+        if event.version not in SUPPORTED_VERSIONS:
+            self.reply_error(event.request_id, "unsupported_version",
+                             f"protocol version {event.version} is not supported; "
+                             f"this server speaks {', '.join(map(str, SUPPORTED_VERSIONS))}")
+            self.closing = True
+            return None
+        config = self.server.config
+        return Welcome(request_id=event.request_id, version=PROTOCOL_VERSION,
+                       server=config.server_name, max_frame_size=config.max_frame_size,
+                       max_message_bytes=config.max_message_bytes,
+                       heartbeat_interval=config.heartbeat_interval)
+
+    def on_register(self, event: Register):
+        account = self.server.service.register(event.name, event.password)
+        self.log_in(account)
+        log.info("register %s from %s", account.name, self.peer)
+        return LoggedIn(request_id=event.request_id, name=account.name, pending=0)
+
+    def on_login(self, event: Login):
+        try:
+            account, pending = self.server.service.login(event.name, event.password)
+        except ChatError:
+            log.info("failed login from %s", self.peer)
+            raise
+        self.log_in(account)
+        log.info("login %s from %s", account.name, self.peer)
+        return LoggedIn(request_id=event.request_id, name=account.name, pending=pending)
+
+    def on_logout(self, event: Logout):
+        log.info("logout %s from %s", self.account.name, self.peer)
+        self.log_out()
+        return Ok(request_id=event.request_id)
+
+    def on_list_accounts(self, event: ListAccounts):
+        found, next_after = self.server.service.search(event.pattern, event.after, event.limit)
+        registry = self.server.registry
+        entries = tuple(AccountEntry(name=a.name, online=registry.is_online(a.id)) for a in found)
+        return AccountList(request_id=event.request_id, accounts=entries, next_after=next_after)
+
+    def on_send(self, event: Send):
+        outcome = self.server.service.send(self.account, event.to, event.body, event.client_msg_id)
+        pushed = False
+        if outcome.message is not None:
+            frame = encode_event(Push(message=message_event(outcome.message)))
+            for session in self.server.registry.sessions_of(outcome.recipient_id):
+                pushed = session.push_frame(frame) or pushed
+        return Sent(request_id=event.request_id, message_id=outcome.message_id, pushed=pushed,
+                    duplicate=outcome.duplicate)
+
+    def on_fetch(self, event: Fetch):
+        found, remaining = self.server.service.fetch(self.account, event.limit)
+        budget = self.server.config.max_frame_size - _MESSAGES_FRAME_OVERHEAD
+        messages = []
+        for message in found:
+            size = 24 + len(message.sender.encode()) + len(message.body.encode())
+            if size > budget:  # the rest waits for the next fetch
+                break
+            budget -= size
+            messages.append(message_event(message))
+        remaining += len(found) - len(messages)
+        return Messages(request_id=event.request_id, messages=tuple(messages), remaining=remaining)
+
+    def on_ack(self, event: Ack):
+        count = self.server.service.ack(self.account, event.message_ids)
+        return Acked(request_id=event.request_id, count=count)
+
+    def on_delete_account(self, event: DeleteAccount):
+        account = self.account
+        discarded = self.server.service.delete_account(account, event.password)
+        log.info("delete-account %s from %s (%d undelivered discarded)",
+                 account.name, self.peer, discarded)
+        self.log_out()
+        notice = encode_event(Notice(code="account_deleted",
+                                     text=f"the account {account.name} was deleted"))
+        for session in self.server.registry.sessions_of(account.id):
+            session.account_deleted(notice)
+        return AccountDeleted(request_id=event.request_id, discarded=discarded)
+
+    # -- session state (called from other connections' threads too) ------------------------
+
+    def log_in(self, account: Account) -> None:
+        self.account = account
+        self.server.registry.attach(account.id, self)
+
+    def log_out(self) -> None:
+        if self.account is not None:
+            self.server.registry.detach(self.account.id, self)
+            self.account = None
+
+    def push_frame(self, frame: bytes) -> bool:
+        return self.outbox.put(frame)
+
+    def account_deleted(self, frame: bytes) -> None:
+        """Another connection deleted our account: tell the peer; we are anonymous now."""
+        self.log_out()
+        self.outbox.put(frame)
+
+    def notify_shutdown(self) -> None:
+        self.closing = True
+        self.outbox.put(encode_event(Notice(code="shutting_down", text="the server is stopping")))
+
+    # -- output -----------------------------------------------------------------------------
+
+    def send(self, event) -> None:
+        self.outbox.put(self.codec.send(event))
+
+    def reply_error(self, request_id: int, code: str, text: str) -> None:
+        self.send(Error(request_id=request_id, code=code, text=text))
+
+    def finish(self) -> None:
+        self.log_out()
+        self.server.release(self)
+        self.outbox.close(timeout=2.0)
+        log.info("disconnect %s", self.peer)
+
+
+_REQUEST_HANDLERS = {
+    Hello: ChatConnection.on_hello,
+    Register: ChatConnection.on_register,
+    Login: ChatConnection.on_login,
+    Logout: ChatConnection.on_logout,
+    ListAccounts: ChatConnection.on_list_accounts,
+    Send: ChatConnection.on_send,
+    Fetch: ChatConnection.on_fetch,
+    Ack: ChatConnection.on_ack,
+    DeleteAccount: ChatConnection.on_delete_account,
+}
+_LOGIN_REQUIRED = {Logout, Send, Fetch, Ack, DeleteAccount}
+_ANONYMOUS_ONLY = {Register, Login}
+
+
+class ChatServer(socketserver.ThreadingTCPServer):
+    """The chat server: accepts connections and serves each on its own thread."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+    request_queue_size = 1024
+
+    def __init__(self, config: ServerConfig, service: ChatService):
+        self.config = config
+        self.service = service
+        self.registry = SessionRegistry()
+        self._connections: set[ChatConnection] = set()
+        self._lock = threading.Lock()
+        self._stopped = False
+        super().__init__((config.host, config.port), ChatConnection)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server_address[:2]
+
+    def admit(self, connection: ChatConnection) -> bool:
+        """Count the connection in; False when the server is full."""
+        with self._lock:
+            if self._stopped or len(self._connections) >= self.config.max_connections:
+                return False
+            self._connections.add(connection)
+            return True
+
+    def release(self, connection: ChatConnection) -> None:
+        with self._lock:
+            self._connections.discard(connection)
+
+    def connection_count(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    def handle_error(self, request, client_address) -> None:
+        log.exception("unexpected error serving %s", client_address)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, tell every session, close connections. Safe to call twice."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            connections = list(self._connections)
+        self.shutdown()
+        self.server_close()
+        for connection in connections:
+            connection.notify_shutdown()
+        deadline = time.monotonic() + timeout
+        for connection in connections:
+            connection.outbox.close(timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        while self.connection_count() and time.monotonic() < deadline:
+            time.sleep(0.01)

@@ -1,0 +1,152 @@
+"""Use cases: register, login, search, send, fetch, ack, delete account.
+
+Plain methods over the database (reads) and the group-commit writer (writes); they raise
+the named errors of ``chatserver.errors`` and know nothing of sockets or the wire format.
+Password hashing runs on the caller's thread, never on the writer, so a slow hash cannot
+hold up other users' sends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from chatserver import domain
+from chatserver.domain import Account, SearchPattern, StoredMessage
+from chatserver.errors import InvalidCredentials, InvalidName, InvalidRequest, NameTaken, NoSuchAccount
+from chatserver.passwords import PasswordHasher
+from chatserver.storage.database import Database
+from chatserver.storage.repository import Repository
+from chatserver.storage.writer import GroupCommitWriter
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    """What became of a send. ``message`` is None for a duplicate (the original may be gone)."""
+
+    message_id: int
+    recipient_id: int
+    duplicate: bool
+    message: StoredMessage | None
+
+
+class ChatService:
+    """The chat's use cases over one database."""
+
+    def __init__(self, db: Database, writer: GroupCommitWriter, hasher: PasswordHasher, *,
+                 clock: Callable[[], int] = wall_clock_ms,
+                 max_message_bytes: int = domain.MAX_MESSAGE_BYTES):
+        self.db = db
+        self.writer = writer
+        self.hasher = hasher
+        self.clock = clock
+        self.max_message_bytes = max_message_bytes
+
+    # -- accounts ---------------------------------------------------------------------------
+
+    def register(self, name: str, password: str) -> Account:
+        """Create an account (name unique without regard to case)."""
+        name = domain.normalize_name(name)
+        domain.validate_password(password)
+        key = name.casefold()
+        # Fail fast on a taken name before paying for a hash; the insert checks again.
+        if self.db.read(lambda repo: repo.account_id_by_key(key)) is not None:
+            raise NameTaken(f"the name {name!r} is taken")
+        password_hash = self.hasher.hash(password)
+        now = self.clock()
+        return self.writer.run(lambda repo: repo.add_account(name, key, password_hash, now))
+
+    def login(self, name: str, password: str) -> tuple[Account, int]:
+        """Check the password; return the account and how many messages wait for it."""
+        try:
+            key = domain.name_key(name)
+        except InvalidName:
+            key = None
+        found = self.db.read(lambda repo: repo.get_by_key(key)) if key else None
+        account, stored_hash = found if found else (None, None)
+        # Verify even for an unknown name (against a dummy hash): same time, same error.
+        if not self.hasher.verify(stored_hash, password) or account is None:
+            raise InvalidCredentials("wrong name or password")
+        new_hash = self.hasher.hash(password) if self.hasher.needs_rehash(stored_hash) else None
+        now = self.clock()
+
+        def record(repo: Repository) -> int:
+            repo.record_login(account.id, now)
+            if new_hash is not None:
+                repo.set_password_hash(account.id, new_hash)
+            return repo.count_undelivered(account.id)
+
+        pending = self.writer.run(record)
+        return Account(account.id, account.name, account.created_at, now), pending
+
+    def delete_account(self, account: Account, password: str) -> int:
+        """Delete the account after checking its password; return the discarded messages."""
+        stored_hash = self.db.read(lambda repo: repo.password_hash(account.id))
+        if not self.hasher.verify(stored_hash, password):
+            raise InvalidCredentials("wrong password")
+        return self.writer.run(lambda repo: repo.delete_account(account.id))
+
+    def search(self, pattern: str, after: str, limit: int) -> tuple[list[Account], str]:
+        """One page of accounts matching ``pattern``, and the ``after`` of the next page."""
+        compiled = SearchPattern.parse(pattern)
+        limit = domain.clamp(limit, domain.DEFAULT_PAGE_SIZE, domain.MAX_PAGE_SIZE)
+        found = self.db.read(lambda repo: repo.search(compiled, after, limit + 1))
+        if len(found) > limit:
+            return found[:limit], found[limit - 1].name
+        return found, ""
+
+    def pending(self, account_id: int) -> int:
+        return self.db.read(lambda repo: repo.count_undelivered(account_id))
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def send(self, sender: Account, to: str, body: str, client_msg_id: str = "") -> SendOutcome:
+        """Store a message for ``to``; returns once it is committed."""
+        domain.validate_body(body, self.max_message_bytes)
+        domain.validate_client_msg_id(client_msg_id)
+        try:
+            key = domain.name_key(to)
+        except InvalidName:
+            raise NoSuchAccount(f"there is no account named {to!r}") from None
+        now = self.clock()
+
+        def store(repo: Repository) -> SendOutcome:
+            recipient_id = repo.account_id_by_key(key)
+            if recipient_id is None:
+                raise NoSuchAccount(f"there is no account named {to!r}")
+            if client_msg_id:
+                earlier = repo.receipt(sender.id, client_msg_id)
+                if earlier is not None:
+                    return SendOutcome(earlier, recipient_id, True, None)
+            if repo.get(sender.id) is None:
+                raise InvalidCredentials("this account no longer exists")
+            message_id = repo.add_message(sender, recipient_id, body, now, client_msg_id)
+            message = StoredMessage(message_id, sender.name, recipient_id, now, body)
+            return SendOutcome(message_id, recipient_id, False, message)
+
+        return self.writer.run(store)
+
+    def fetch(self, account: Account, limit: int) -> tuple[list[StoredMessage], int]:
+        """The oldest undelivered messages and how many more wait after them."""
+        limit = domain.clamp(limit, domain.DEFAULT_FETCH_LIMIT, domain.MAX_FETCH_LIMIT)
+
+        def read(repo: Repository):
+            found = repo.undelivered(account.id, limit)
+            return found, repo.count_undelivered(account.id) - len(found)
+
+        return self.db.read(read)
+
+    def ack(self, account: Account, message_ids: Iterable[int]) -> int:
+        """Delete these acknowledged messages of the account; return how many were removed."""
+        ids = list(dict.fromkeys(message_ids))
+        if len(ids) > domain.MAX_ACK_IDS:
+            raise InvalidRequest(f"at most {domain.MAX_ACK_IDS} ids per acknowledgement")
+        if not ids:
+            return 0
+        return self.writer.run(lambda repo: repo.delete_messages(account.id, ids))
+

@@ -1,0 +1,76 @@
+"""``chat serve``: run the server until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+import click
+
+from chatserver.app import ChatApp
+from chatserver.passwords import HashParameters
+from chatserver.server import ServerConfig
+from chatserver.storage.migrate import SchemaError
+from chatserver_cli.options import db_option, host_option, port_option
+
+
+@click.command()
+@db_option
+@host_option
+@port_option
+@click.option("--sync", type=click.Choice(["full", "normal"]), default="full", show_default=True,
+              show_envvar=True,
+              help="SQLite synchronous level: full survives power loss, normal a process crash.")
+@click.option("--max-connections", type=click.IntRange(1), default=1000, show_default=True,
+              show_envvar=True, help="Connections beyond this get a server_full error.")
+@click.option("--heartbeat-interval", type=click.IntRange(0, 3600), default=30, show_default=True,
+              show_envvar=True,
+              help="Seconds of silence before the server pings a client; a client silent for two "
+                   "intervals is disconnected. 0 disables.")
+@click.option("--max-message-bytes", type=click.IntRange(1, 262_144), default=65_536,
+              show_default=True, show_envvar=True, help="Largest message body accepted.")
+@click.option("--no-migrate", is_flag=True, show_envvar=True,
+              help="Refuse to start on a database behind this version instead of upgrading it.")
+@click.option("--argon2-time-cost", type=click.IntRange(1), default=3, show_default=True,
+              show_envvar=True, help="Argon2id passes per password hash.")
+@click.option("--argon2-memory-kib", type=click.IntRange(8), default=65_536, show_default=True,
+              show_envvar=True, help="Argon2id memory per password hash, in KiB.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True, show_envvar=True, help="Least severe log level.")
+def serve(db, host, port, sync, max_connections, heartbeat_interval, max_message_bytes,
+          no_migrate, argon2_time_cost, argon2_memory_kib, log_level) -> None:
+    """Run the chat server on a database (created and migrated as needed).
+
+    Every option can also be set by the environment variable shown with it.
+
+    \b
+    Example:
+      chat serve --db chat.db --port 2023
+      CHAT_SERVE_PORT=0 chat serve      # any free port; the address is printed
+    """
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(host=host, port=port, max_connections=max_connections,
+                          heartbeat_interval=heartbeat_interval,
+                          max_message_bytes=max_message_bytes)
+    params = HashParameters(time_cost=argon2_time_cost, memory_kib=argon2_memory_kib)
+    try:
+        app = ChatApp(db, config, sync=sync, hash_params=params, migrate=not no_migrate)
+    except SchemaError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    app.start()
+    bound_host, bound_port = app.address
+    click.echo(f"chat server listening on {bound_host}:{bound_port} (database {app.db.display_name})")
+    sys.stdout.flush()
+    while not stop.wait(0.5):
+        pass
+    logging.getLogger("chatserver").info("stopping")
+    app.stop()
