@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from chatserver.errors import ChatError
+from chatserver.metrics import Metrics, serve_metrics
 from chatserver.passwords import HashParameters, PasswordHasher
 from chatserver.server import ChatServer, ServerConfig
 from chatserver.service import ChatService
@@ -14,24 +16,36 @@ from chatserver.storage.writer import GroupCommitWriter
 
 log = logging.getLogger("chatserver")
 
+# How often the server checks that logged-in accounts still exist, so an account deleted by
+# `chat admin delete-account` (another process) has its sessions ended within seconds.
+ACCOUNT_CHECK_INTERVAL = 2.0
+
 
 class ChatApp:
     """A running chat server over one database. ``stop()`` is safe to call twice."""
 
     def __init__(self, db_path: str, config: ServerConfig, *, sync: str = "full",
-                 hash_params: HashParameters = HashParameters(), migrate: bool = True):
+                 hash_params: HashParameters = HashParameters(), migrate: bool = True,
+                 metrics_port: int | None = None):
         self.db = Database(db_path, sync=sync)
+        self.metrics = Metrics()
+        self.metrics_port: int | None = None
         try:
             ensure_schema(self.db, allow_upgrade=migrate)
             self.db.enable_wal()
-            self.writer = GroupCommitWriter(self.db.write_engine)
+            self.writer = GroupCommitWriter(self.db.write_engine,
+                                            on_commit=self.metrics.observe_commit)
             self.service = ChatService(self.db, self.writer, PasswordHasher(hash_params),
                                        max_message_bytes=config.max_message_bytes)
-            self.server = ChatServer(config, self.service)
+            self.server = ChatServer(config, self.service, self.metrics)
+            self.metrics.track_undelivered(self.service.undelivered_total)
+            if metrics_port is not None:
+                self.metrics_port = serve_metrics(self.metrics, metrics_port)
         except BaseException:
             self.db.dispose()
             raise
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
         self._stop_lock = threading.Lock()
         self._stopped = False
 
@@ -40,10 +54,23 @@ class ChatApp:
         return self.server.address
 
     def start(self) -> None:
-        """Serve on a background thread."""
-        self._thread = threading.Thread(target=self.server.serve_forever, name="acceptor",
-                                        kwargs={"poll_interval": 0.2}, daemon=True)
-        self._thread.start()
+        """Serve on background threads."""
+        self._threads = [
+            threading.Thread(target=self.server.serve_forever, name="acceptor",
+                             kwargs={"poll_interval": 0.2}, daemon=True),
+            threading.Thread(target=self._watch_accounts, name="account-watcher", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _watch_accounts(self) -> None:
+        while not self._stopping.wait(ACCOUNT_CHECK_INTERVAL):
+            try:
+                self.server.end_sessions_of_deleted_accounts()
+            except ChatError as exc:  # the database is busy or gone for a moment: next round
+                log.warning("account check skipped: %s", exc.message)
+            except Exception:
+                log.exception("account check failed")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, notify sessions, finish writes, close the database."""
@@ -51,6 +78,7 @@ class ChatApp:
             if self._stopped:
                 return
             self._stopped = True
+        self._stopping.set()
         self.server.stop(timeout)
         self.writer.close(timeout)
         self.db.dispose()

@@ -51,6 +51,7 @@ from chatserver.protocol import (
     Welcome,
     encode_event,
 )
+from chatserver.metrics import Metrics
 from chatserver.service import ChatService
 from chatserver.sessions import OUTBOX_MAX_BYTES, Outbox, SessionRegistry
 
@@ -97,6 +98,8 @@ class ChatConnection(socketserver.BaseRequestHandler):
             self.sock.settimeout(self.server.config.heartbeat_interval)
         self.outbox = Outbox(self.sock, name=self.peer,
                              max_bytes=self.server.config.outbox_max_bytes)
+        self.server.metrics.connections.inc()
+        self.server.metrics.connections_total.inc()
         log.info("connect %s", self.peer)
 
     # -- the read loop ----------------------------------------------------------------------
@@ -191,8 +194,10 @@ class ChatConnection(socketserver.BaseRequestHandler):
         try:
             account, pending = self.server.service.login(event.name, event.password)
         except ChatError:
+            self.server.metrics.logins.labels("failed").inc()
             log.info("failed login from %s", self.peer)
             raise
+        self.server.metrics.logins.labels("ok").inc()
         self.log_in(account)
         log.info("login %s from %s", account.name, self.peer)
         return LoggedIn(request_id=event.request_id, name=account.name, pending=pending)
@@ -209,12 +214,21 @@ class ChatConnection(socketserver.BaseRequestHandler):
         return AccountList(request_id=event.request_id, accounts=entries, next_after=next_after)
 
     def on_send(self, event: Send):
-        outcome = self.server.service.send(self.account, event.to, event.body, event.client_msg_id)
+        metrics = self.server.metrics
+        try:
+            outcome = self.server.service.send(self.account, event.to, event.body,
+                                               event.client_msg_id)
+        except ChatError as exc:
+            metrics.rejected.labels(exc.code).inc()
+            raise
         pushed = False
         if outcome.message is not None:
+            metrics.stored.inc()
             frame = encode_event(Push(message=message_event(outcome.message)))
             for session in self.server.registry.sessions_of(outcome.recipient_id):
-                pushed = session.push_frame(frame) or pushed
+                if session.push_frame(frame):
+                    pushed = True
+                    metrics.pushed.inc()
         return Sent(request_id=event.request_id, message_id=outcome.message_id, pushed=pushed,
                     duplicate=outcome.duplicate)
 
@@ -233,6 +247,7 @@ class ChatConnection(socketserver.BaseRequestHandler):
 
     def on_ack(self, event: Ack):
         count = self.server.service.ack(self.account, event.message_ids)
+        self.server.metrics.acknowledged.inc(count)
         return Acked(request_id=event.request_id, count=count)
 
     def on_delete_account(self, event: DeleteAccount):
@@ -282,6 +297,7 @@ class ChatConnection(socketserver.BaseRequestHandler):
         self.log_out()
         self.server.release(self)
         self.outbox.close(timeout=2.0)
+        self.server.metrics.connections.dec()
         log.info("disconnect %s", self.peer)
 
 
@@ -308,9 +324,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
     block_on_close = False
     request_queue_size = 1024
 
-    def __init__(self, config: ServerConfig, service: ChatService):
+    def __init__(self, config: ServerConfig, service: ChatService, metrics: Metrics | None = None):
         self.config = config
         self.service = service
+        self.metrics = metrics or Metrics()
         self.registry = SessionRegistry()
         self._connections: set[ChatConnection] = set()
         self._lock = threading.Lock()
@@ -336,6 +353,20 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def connection_count(self) -> int:
         with self._lock:
             return len(self._connections)
+
+    def end_sessions_of_deleted_accounts(self) -> int:
+        """Log out sessions whose account no longer exists (deleted by ``chat admin`` or by
+        another server on the same database); return how many accounts that was."""
+        online = self.registry.online_account_ids()
+        if not online:
+            return 0
+        existing = self.service.existing_account_ids(online)
+        gone = [account_id for account_id in online if account_id not in existing]
+        for account_id in gone:
+            notice = encode_event(Notice(code="account_deleted", text="this account was deleted"))
+            for session in self.registry.sessions_of(account_id):
+                session.account_deleted(notice)
+        return len(gone)
 
     def handle_error(self, request, client_address) -> None:
         log.exception("unexpected error serving %s", client_address)

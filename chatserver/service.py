@@ -100,6 +100,17 @@ class ChatService:
             return found[:limit], found[limit - 1].name
         return found, ""
 
+    def existing_account_ids(self, account_ids: list[int]) -> set[int]:
+        """Which of these accounts still exist (checked in chunks to bound the statement)."""
+        found: set[int] = set()
+        for start in range(0, len(account_ids), 500):
+            chunk = account_ids[start:start + 500]
+            found |= self.db.read(lambda repo: repo.existing_ids(chunk))
+        return found
+
+    def undelivered_total(self) -> int:
+        return self.db.read(lambda repo: repo.count_all_undelivered())
+
     def pending(self, account_id: int) -> int:
         return self.db.read(lambda repo: repo.count_undelivered(account_id))
 

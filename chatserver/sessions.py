@@ -136,6 +136,10 @@ class SessionRegistry:
         with self._lock:
             return account_id in self._by_account
 
+    def online_account_ids(self) -> list[int]:
+        with self._lock:
+            return list(self._by_account)
+
     def online_count(self) -> int:
         with self._lock:
             return len(self._by_account)

@@ -10,6 +10,7 @@ import threading
 import click
 
 from chatserver.app import ChatApp
+from chatserver.logs import configure_logging
 from chatserver.passwords import HashParameters
 from chatserver.server import ServerConfig
 from chatserver.storage.migrate import SchemaError
@@ -37,10 +38,15 @@ from chatserver_cli.options import db_option, host_option, port_option
               show_envvar=True, help="Argon2id passes per password hash.")
 @click.option("--argon2-memory-kib", type=click.IntRange(8), default=65_536, show_default=True,
               show_envvar=True, help="Argon2id memory per password hash, in KiB.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, show_envvar=True,
+              help="Expose Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True, show_envvar=True, help="Least severe log level.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, show_envvar=True, help="Log lines as text or one JSON object each.")
 def serve(db, host, port, sync, max_connections, heartbeat_interval, max_message_bytes,
-          no_migrate, argon2_time_cost, argon2_memory_kib, log_level) -> None:
+          no_migrate, argon2_time_cost, argon2_memory_kib, metrics_port, log_level,
+          log_format) -> None:
     """Run the chat server on a database (created and migrated as needed).
 
     Every option can also be set by the environment variable shown with it.
@@ -50,14 +56,14 @@ def serve(db, host, port, sync, max_connections, heartbeat_interval, max_message
       chat serve --db chat.db --port 2023
       CHAT_SERVE_PORT=0 chat serve      # any free port; the address is printed
     """
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level, log_format)
     config = ServerConfig(host=host, port=port, max_connections=max_connections,
                           heartbeat_interval=heartbeat_interval,
                           max_message_bytes=max_message_bytes)
     params = HashParameters(time_cost=argon2_time_cost, memory_kib=argon2_memory_kib)
     try:
-        app = ChatApp(db, config, sync=sync, hash_params=params, migrate=not no_migrate)
+        app = ChatApp(db, config, sync=sync, hash_params=params, migrate=not no_migrate,
+                      metrics_port=metrics_port)
     except SchemaError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
@@ -69,6 +75,8 @@ def serve(db, host, port, sync, max_connections, heartbeat_interval, max_message
     app.start()
     bound_host, bound_port = app.address
     click.echo(f"chat server listening on {bound_host}:{bound_port} (database {app.db.display_name})")
+    if app.metrics_port is not None:
+        click.echo(f"metrics on http://127.0.0.1:{app.metrics_port}/metrics")
     sys.stdout.flush()
     while not stop.wait(0.5):
         pass

@@ -1,0 +1,69 @@
+"""Prometheus metrics of a running server (names documented in docs/OPERATIONS.md).
+
+Each server has its own registry, so several servers in one process (tests) do not mix
+their numbers; ``serve_metrics`` exposes it over HTTP on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class Metrics:
+    """The counters, gauges and histograms the server updates."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge("chat_open_connections", "Open client connections.", registry=r)
+        self.connections_total = Counter("chat_connections_total", "Connections accepted.",
+                                         registry=r)
+        self.logins = Counter("chat_logins_total", "Login attempts by result.", ["result"],
+                              registry=r)
+        self.stored = Counter("chat_messages_stored_total", "Messages committed to the database.",
+                              registry=r)
+        self.pushed = Counter("chat_messages_pushed_total", "Pushes queued to live sessions.",
+                              registry=r)
+        self.acknowledged = Counter("chat_messages_acknowledged_total",
+                                    "Messages acknowledged by their recipient (and deleted).",
+                                    registry=r)
+        self.rejected = Counter("chat_messages_rejected_total", "Sends refused, by error code.",
+                                ["reason"], registry=r)
+        self.undelivered = Gauge("chat_undelivered_messages",
+                                 "Messages stored and not yet acknowledged.", registry=r)
+        self.commit_seconds = Histogram(
+            "chat_commit_seconds", "Duration of one group commit (statements and sync).",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r)
+        self.commit_batch = Histogram(
+            "chat_commit_batch_jobs", "Write jobs sharing one commit.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
+
+    def observe_commit(self, jobs: int, seconds: float) -> None:
+        self.commit_seconds.observe(seconds)
+        self.commit_batch.observe(jobs)
+
+    def track_undelivered(self, count: Callable[[], int], max_age: float = 5.0) -> None:
+        """Compute the undelivered gauge at scrape time, at most once per ``max_age`` seconds."""
+        cache = {"at": -max_age, "value": 0}
+
+        def value() -> float:
+            now = time.monotonic()
+            if now - cache["at"] >= max_age:
+                try:
+                    cache["value"] = count()
+                except Exception:  # a scrape must not fail because the database is busy
+                    pass
+                cache["at"] = now
+            return cache["value"]
+
+        self.undelivered.set_function(value)
+
+
+def serve_metrics(metrics: Metrics, port: int, host: str = "127.0.0.1") -> int:
+    """Expose ``/metrics`` on host:port (0 = any free port); return the bound port."""
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server.server_address[1]
