@@ -161,6 +161,18 @@ class Repository:
         )
         return [_message(r) for r in rows]
 
+    def count_all_undelivered(self) -> int:
+        """Messages stored and not yet acknowledged, for every account."""
+        return self.conn.execute(select(func.count()).select_from(messages)).scalar_one()
+
+    def existing_ids(self, account_ids: Iterable[int]) -> set[int]:
+        """Which of these account ids still exist."""
+        ids = list(account_ids)
+        if not ids:
+            return set()
+        rows = self.conn.execute(select(accounts.c.id).where(accounts.c.id.in_(ids)))
+        return {r[0] for r in rows}
+
     def count_undelivered(self, recipient_id: int) -> int:
         return self.conn.execute(
             select(func.count()).select_from(messages).where(messages.c.recipient_id == recipient_id)
