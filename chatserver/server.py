@@ -59,6 +59,8 @@ log = logging.getLogger("chatserver")
 
 SUPPORTED_VERSIONS = (PROTOCOL_VERSION,)
 RECV_BYTES = 256 * 1024  # read big chunks: fewer syscalls when requests are pipelined
+# How long a closing connection may take to write what it still has queued.
+SHUTDOWN_FLUSH_SECONDS = 2.0
 # Room left in a Messages frame for its fixed fields, so a fetch reply never exceeds the limit.
 _MESSAGES_FRAME_OVERHEAD = 64
 
@@ -92,6 +94,7 @@ class ChatConnection(socketserver.BaseRequestHandler):
         self.codec = Connection(role="server", max_frame_size=self.server.config.max_frame_size)
         self.account: Account | None = None
         self.closing = False
+        self.server_stopping = False
         self._ping_nonce = itertools.count(1)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.server.config.heartbeat_interval:
@@ -105,8 +108,9 @@ class ChatConnection(socketserver.BaseRequestHandler):
     # -- the read loop ----------------------------------------------------------------------
 
     def handle(self) -> None:
-        if not self.server.admit(self):
-            self.reply_error(0, "server_full", "the server is at its connection limit")
+        refusal = self.server.admit(self)
+        if refusal is not None:
+            self.reply_error(0, *refusal)
             return
         unanswered_pings = 0
         while not self.closing:
@@ -281,9 +285,14 @@ class ChatConnection(socketserver.BaseRequestHandler):
         self.log_out()
         self.outbox.put(frame)
 
-    def notify_shutdown(self) -> None:
-        self.closing = True
-        self.outbox.put(encode_event(Notice(code="shutting_down", text="the server is stopping")))
+    def begin_shutdown(self) -> None:
+        """Stop reading: requests already received are still answered, then the session is
+        told the server is stopping and the connection closes (see ``finish``)."""
+        self.server_stopping = True
+        try:
+            self.sock.shutdown(socket.SHUT_RD)  # wakes the blocked recv with end-of-file
+        except OSError:
+            pass
 
     # -- output -----------------------------------------------------------------------------
 
@@ -295,8 +304,11 @@ class ChatConnection(socketserver.BaseRequestHandler):
 
     def finish(self) -> None:
         self.log_out()
+        if self.server_stopping:
+            self.outbox.put(encode_event(Notice(code="shutting_down",
+                                                text="the server is stopping")))
+        self.outbox.close(timeout=SHUTDOWN_FLUSH_SECONDS)
         self.server.release(self)
-        self.outbox.close(timeout=2.0)
         self.server.metrics.connections.dec()
         log.info("disconnect %s", self.peer)
 
@@ -338,17 +350,23 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def address(self) -> tuple[str, int]:
         return self.server_address[:2]
 
-    def admit(self, connection: ChatConnection) -> bool:
-        """Count the connection in; False when the server is full."""
+    def admit(self, connection: ChatConnection) -> tuple[str, str] | None:
+        """Count the connection in, or return the (code, text) of the refusal."""
         with self._lock:
-            if self._stopped or len(self._connections) >= self.config.max_connections:
-                return False
+            if self._stopped:
+                return "shutting_down", "the server is stopping"
+            if len(self._connections) >= self.config.max_connections:
+                return "server_full", "the server is at its connection limit"
             self._connections.add(connection)
-            return True
+            return None
 
     def release(self, connection: ChatConnection) -> None:
         with self._lock:
             self._connections.discard(connection)
+
+    def open_connections(self) -> list[ChatConnection]:
+        with self._lock:
+            return list(self._connections)
 
     def connection_count(self) -> int:
         with self._lock:
@@ -378,16 +396,17 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 return
             self._stopped = True
             connections = list(self._connections)
+        deadline = time.monotonic() + timeout
         self.shutdown()
         self.server_close()
         for connection in connections:
-            connection.notify_shutdown()
-        deadline = time.monotonic() + timeout
-        for connection in connections:
-            connection.outbox.close(timeout=max(0.0, deadline - time.monotonic()))
+            connection.begin_shutdown()
+        # Each connection finishes its received requests, sends the notice and flushes its
+        # outbox; a peer that does not read is cut off after SHUTDOWN_FLUSH_SECONDS.
+        while self.connection_count() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for connection in self.open_connections():
             try:
                 connection.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        while self.connection_count() and time.monotonic() < deadline:
-            time.sleep(0.01)
