@@ -6,6 +6,7 @@ import logging
 import threading
 
 from chatserver.errors import ChatError
+from chatserver.limits import RateLimiter
 from chatserver.metrics import Metrics, serve_metrics
 from chatserver.passwords import HashParameters, PasswordHasher
 from chatserver.server import ChatServer, ServerConfig
@@ -35,8 +36,11 @@ class ChatApp:
             self.db.enable_wal()
             self.writer = GroupCommitWriter(self.db.write_engine,
                                             on_commit=self.metrics.observe_commit)
-            self.service = ChatService(self.db, self.writer, PasswordHasher(hash_params),
-                                       max_message_bytes=config.max_message_bytes)
+            self.service = ChatService(
+                self.db, self.writer, PasswordHasher(hash_params),
+                max_message_bytes=config.max_message_bytes,
+                max_queued_per_account=config.max_queued_per_account,
+                send_limiter=RateLimiter(config.send_rate, config.send_burst))
             self.server = ChatServer(config, self.service, self.metrics)
             self.metrics.track_undelivered(self.service.undelivered_total)
             if metrics_port is not None:

@@ -61,7 +61,7 @@ class ChatClient:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 2023, *, timeout: float = 30.0,
                  on_push: Callable[[object], None] | None = None, client_name: str = "chat-client",
-                 sock: socket.socket | None = None):
+                 sock: socket.socket | None = None, heartbeat: float | None = None):
         self.timeout = timeout
         self.pushes: queue.Queue = queue.Queue()
         self._on_push = on_push or self.pushes.put
@@ -80,6 +80,11 @@ class ChatClient:
         self._reader.start()
         self.welcome: Welcome = self.request(
             lambda rid: Hello(request_id=rid, version=PROTOCOL_VERSION, client=client_name))
+        # Heartbeat as the server does: after an interval of silence ping the server; after a
+        # second silent interval consider it dead (half-open TCP) and fail pending requests.
+        interval = heartbeat if heartbeat is not None else self.welcome.heartbeat_interval
+        if interval:
+            self._sock.settimeout(interval)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -143,9 +148,19 @@ class ChatClient:
 
     def _read_loop(self) -> None:
         reason = "the server closed the connection"
+        unanswered_pings = 0
         try:
             while True:
-                data = self._sock.recv(256 * 1024)
+                try:
+                    data = self._sock.recv(256 * 1024)
+                except TimeoutError:
+                    if unanswered_pings:
+                        reason = "the server stopped answering (no heartbeat)"
+                        return
+                    unanswered_pings += 1
+                    self._write(self._codec.send(Ping(nonce=unanswered_pings)))
+                    continue
+                unanswered_pings = 0
                 self._codec.receive_data(data)
                 while True:
                     event = self._codec.next_event()
@@ -156,6 +171,8 @@ class ChatClient:
                     self._deliver(event)
         except ProtocolError as exc:
             reason = f"protocol error from server: {exc}"
+        except ConnectionLost:
+            reason = self.close_reason or "connection lost"
         except OSError as exc:
             reason = f"connection lost: {exc}"
         finally:

@@ -26,6 +26,10 @@ DEFAULT_FETCH_LIMIT = 100
 MAX_FETCH_LIMIT = 1000
 MAX_ACK_IDS = 1000
 MAX_CLIENT_MSG_ID_BYTES = 64
+# Per-account protections (defaults; `chat serve` options change them, 0 disables):
+MAX_QUEUED_PER_ACCOUNT = 10_000  # undelivered messages one recipient may have waiting
+SEND_RATE = 50.0  # messages per second one account may send on average...
+SEND_BURST = 500  # ...with bursts of up to this many
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,%d}" % MAX_NAME_LENGTH)
 LIKE_ESCAPE = "\\"

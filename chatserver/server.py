@@ -76,6 +76,9 @@ class ServerConfig:
     max_message_bytes: int = domain.MAX_MESSAGE_BYTES
     max_frame_size: int = MAX_FRAME_SIZE
     outbox_max_bytes: int = OUTBOX_MAX_BYTES
+    max_queued_per_account: int = domain.MAX_QUEUED_PER_ACCOUNT
+    send_rate: float = domain.SEND_RATE
+    send_burst: int = domain.SEND_BURST
     server_name: str = "chat/0.1"
 
 

@@ -8,13 +8,23 @@ hold up other users' sends.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from chatserver import domain
 from chatserver.domain import Account, SearchPattern, StoredMessage
-from chatserver.errors import InvalidCredentials, InvalidName, InvalidRequest, NameTaken, NoSuchAccount
+from chatserver.errors import (
+    InvalidCredentials,
+    InvalidName,
+    InvalidRequest,
+    NameTaken,
+    NoSuchAccount,
+    QueueFull,
+    RateLimited,
+)
+from chatserver.limits import RateLimiter
 from chatserver.passwords import PasswordHasher
 from chatserver.storage.database import Database
 from chatserver.storage.repository import Repository
@@ -40,12 +50,16 @@ class ChatService:
 
     def __init__(self, db: Database, writer: GroupCommitWriter, hasher: PasswordHasher, *,
                  clock: Callable[[], int] = wall_clock_ms,
-                 max_message_bytes: int = domain.MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = domain.MAX_MESSAGE_BYTES,
+                 max_queued_per_account: int = domain.MAX_QUEUED_PER_ACCOUNT,
+                 send_limiter: RateLimiter | None = None):
         self.db = db
         self.writer = writer
         self.hasher = hasher
         self.clock = clock
         self.max_message_bytes = max_message_bytes
+        self.max_queued_per_account = max_queued_per_account
+        self.send_limiter = send_limiter or RateLimiter(domain.SEND_RATE, domain.SEND_BURST)
 
     # -- accounts ---------------------------------------------------------------------------
 
@@ -124,7 +138,12 @@ class ChatService:
             key = domain.name_key(to)
         except InvalidName:
             raise NoSuchAccount(f"there is no account named {to!r}") from None
+        wait = self.send_limiter.acquire(sender.id)
+        if wait:
+            raise RateLimited("too many messages; slow down",
+                              retry_after_ms=max(1, math.ceil(wait * 1000)))
         now = self.clock()
+        cap = self.max_queued_per_account
 
         def store(repo: Repository) -> SendOutcome:
             recipient_id = repo.account_id_by_key(key)
@@ -134,6 +153,8 @@ class ChatService:
                 earlier = repo.receipt(sender.id, client_msg_id)
                 if earlier is not None:
                     return SendOutcome(earlier, recipient_id, True, None)
+            if cap and repo.count_undelivered(recipient_id) >= cap:
+                raise QueueFull(f"{to} has {cap} undelivered messages waiting; try again later")
             if repo.get(sender.id) is None:
                 raise InvalidCredentials("this account no longer exists")
             message_id = repo.add_message(sender, recipient_id, body, now, client_msg_id)

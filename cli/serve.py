@@ -32,6 +32,16 @@ from chatserver_cli.options import db_option, host_option, port_option
                    "intervals is disconnected. 0 disables.")
 @click.option("--max-message-bytes", type=click.IntRange(1, 262_144), default=65_536,
               show_default=True, show_envvar=True, help="Largest message body accepted.")
+@click.option("--max-queued-per-account", type=click.IntRange(0), default=10_000,
+              show_default=True, show_envvar=True,
+              help="Undelivered messages one account may have waiting; beyond it senders get "
+                   "queue_full. 0: no limit.")
+@click.option("--send-rate", type=click.FloatRange(0), default=50.0, show_default=True,
+              show_envvar=True,
+              help="Messages per second one account may send on average (rate_limited beyond). "
+                   "0: no limit.")
+@click.option("--send-burst", type=click.IntRange(1), default=500, show_default=True,
+              show_envvar=True, help="Messages one account may send in a burst above the rate.")
 @click.option("--no-migrate", is_flag=True, show_envvar=True,
               help="Refuse to start on a database behind this version instead of upgrading it.")
 @click.option("--argon2-time-cost", type=click.IntRange(1), default=3, show_default=True,
@@ -45,7 +55,7 @@ from chatserver_cli.options import db_option, host_option, port_option
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, show_envvar=True, help="Log lines as text or one JSON object each.")
 def serve(db, host, port, sync, max_connections, heartbeat_interval, max_message_bytes,
-          no_migrate, argon2_time_cost, argon2_memory_kib, metrics_port, log_level,
+          max_queued_per_account, send_rate, send_burst, no_migrate, argon2_time_cost, argon2_memory_kib, metrics_port, log_level,
           log_format) -> None:
     """Run the chat server on a database (created and migrated as needed).
 
@@ -59,7 +69,9 @@ def serve(db, host, port, sync, max_connections, heartbeat_interval, max_message
     configure_logging(log_level, log_format)
     config = ServerConfig(host=host, port=port, max_connections=max_connections,
                           heartbeat_interval=heartbeat_interval,
-                          max_message_bytes=max_message_bytes)
+                          max_message_bytes=max_message_bytes,
+                          max_queued_per_account=max_queued_per_account,
+                          send_rate=send_rate, send_burst=send_burst)
     params = HashParameters(time_cost=argon2_time_cost, memory_kib=argon2_memory_kib)
     try:
         app = ChatApp(db, config, sync=sync, hash_params=params, migrate=not no_migrate,
