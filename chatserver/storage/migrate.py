@@ -117,15 +117,17 @@ def upgrade(db: Database, revision: str = "head") -> None:
     with db.write_engine.connect() as conn:
         if db.is_sqlite:  # outside any transaction, where SQLite ignores this pragma
             conn.connection.dbapi_connection.execute("PRAGMA foreign_keys = OFF")
-        with conn.begin():
-            config.attributes["connection"] = conn
-            command.upgrade(config, revision)
-            if db.is_sqlite:
-                problems = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-                if problems:
-                    raise SchemaError(f"upgrade would break foreign keys: {problems[:5]}")
-        if db.is_sqlite:
-            conn.connection.dbapi_connection.execute("PRAGMA foreign_keys = ON")
+        try:
+            with conn.begin():
+                config.attributes["connection"] = conn
+                command.upgrade(config, revision)
+                if db.is_sqlite:
+                    problems = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if problems:
+                        raise SchemaError(f"upgrade would break foreign keys: {problems[:5]}")
+        finally:
+            if db.is_sqlite:  # the connection goes back to the pool: restore its setting
+                conn.connection.dbapi_connection.execute("PRAGMA foreign_keys = ON")
 
 
 def backup_sqlite(db: Database, dest: str | None = None, *, suffix: str = "backup") -> str:

@@ -33,9 +33,20 @@ def _message(row) -> StoredMessage:
     return StoredMessage(id=row[0], sender=row[1], recipient_id=row[2], sent_at=row[3], body=row[4])
 
 
-def _prefix_upper_bound(prefix: str) -> str:
-    """The smallest string greater than every string starting with ``prefix``."""
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+def _prefix_upper_bound(prefix: str) -> str | None:
+    """The smallest string greater than every string starting with ``prefix``, if any.
+
+    The last character is incremented; surrogates are skipped (they cannot be encoded), and
+    a last character of U+10FFFF is dropped and the one before it incremented instead.
+    """
+    while prefix:
+        code_point = ord(prefix[-1]) + 1
+        if code_point == 0xD800:
+            code_point = 0xE000
+        if code_point <= 0x10FFFF:
+            return prefix[:-1] + chr(code_point)
+        prefix = prefix[:-1]
+    return None
 
 
 class Repository:
@@ -100,7 +111,10 @@ class Repository:
         key = accounts.c.name_key
         conditions = [key.like(pattern.like, escape=LIKE_ESCAPE)]
         if pattern.prefix:
-            conditions += [key >= pattern.prefix, key < _prefix_upper_bound(pattern.prefix)]
+            conditions.append(key >= pattern.prefix)
+            upper = _prefix_upper_bound(pattern.prefix)
+            if upper is not None:
+                conditions.append(key < upper)
         if after:
             conditions.append(key > after.casefold())
         rows = self.conn.execute(
@@ -211,3 +225,75 @@ class Repository:
         if limit is not None:
             stmt = stmt.limit(limit)
         return [(_account(r), r[4]) for r in self.conn.execute(stmt)]
+
+    # -- administration: statistics and retention (``chat admin``) -------------------------
+
+    def count_accounts(self) -> int:
+        return self.conn.execute(select(func.count()).select_from(accounts)).scalar_one()
+
+    def undelivered_totals(self) -> tuple[int, int | None]:
+        """How many messages wait in all, and when the oldest of them was sent (or None)."""
+        row = self.conn.execute(
+            select(func.count(), func.min(messages.c.sent_at)).select_from(messages)
+        ).one()
+        return row[0], row[1]
+
+    def oldest_undelivered_at(self, recipient_id: int) -> int | None:
+        """When the recipient's oldest waiting message was sent, or None."""
+        return self.conn.execute(
+            select(func.min(messages.c.sent_at)).where(messages.c.recipient_id == recipient_id)
+        ).scalar()
+
+    def count_messages_sent_before(self, cutoff: int) -> tuple[int, int]:
+        """Waiting messages sent before ``cutoff`` (ms) and how many recipients they have."""
+        row = self.conn.execute(
+            select(func.count(), func.count(messages.c.recipient_id.distinct()))
+            .where(messages.c.sent_at < cutoff)
+        ).one()
+        return row[0], row[1]
+
+    def message_ids_sent_before(self, cutoff: int, after_id: int, limit: int) -> list[int]:
+        """Ids above ``after_id`` of messages sent before ``cutoff``, ascending, at most ``limit``.
+
+        Walking by id (the primary key) makes a batched purge one pass over the table.
+        """
+        return list(self.conn.execute(
+            select(messages.c.id)
+            .where(messages.c.id > after_id, messages.c.sent_at < cutoff)
+            .order_by(messages.c.id)
+            .limit(limit)
+        ).scalars())
+
+    def delete_messages_sent_before(self, cutoff: int, ids: Iterable[int]) -> int:
+        """Delete the listed messages (of any recipient) if still sent before ``cutoff``."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        return self.conn.execute(
+            delete(messages).where(messages.c.id.in_(ids), messages.c.sent_at < cutoff)
+        ).rowcount
+
+    def count_receipts_created_before(self, cutoff: int) -> int:
+        return self.conn.execute(
+            select(func.count()).select_from(send_receipts)
+            .where(send_receipts.c.created_at < cutoff)
+        ).scalar_one()
+
+    def delete_receipts_created_before(self, cutoff: int, limit: int) -> int:
+        """Delete at most ``limit`` of the oldest send receipts created before ``cutoff``."""
+        from sqlalchemy import tuple_
+
+        keys = self.conn.execute(
+            select(send_receipts.c.sender_id, send_receipts.c.client_msg_id)
+            .where(send_receipts.c.created_at < cutoff)
+            .order_by(send_receipts.c.created_at)
+            .limit(limit)
+        ).all()
+        if not keys:
+            return 0
+        return self.conn.execute(
+            delete(send_receipts).where(
+                tuple_(send_receipts.c.sender_id, send_receipts.c.client_msg_id).in_(
+                    [tuple(k) for k in keys])
+            )
+        ).rowcount

@@ -112,15 +112,22 @@ class GroupCommitWriter:
                 for job, future in batch:
                     if not future.set_running_or_notify_cancel():
                         continue
+                    failure: Exception | None = None
                     try:
                         with conn.begin_nested():
-                            outcomes.append((future, True, job(repo)))
-                    except ChatError as exc:
-                        outcomes.append((future, False, exc))
+                            try:
+                                outcomes.append((future, True, job(repo)))
+                            except Exception as exc:
+                                failure = exc
+                                raise
                     except Exception as exc:
+                        # The job's own exception, not a later one from rolling back its
+                        # savepoint (SQLite rolls back the whole transaction on disk full).
+                        exc = failure or exc
                         if _is_storage_failure(exc):
-                            raise
-                        log.exception("write job failed")
+                            raise exc from None
+                        if not isinstance(exc, ChatError):
+                            log.exception("write job failed", exc_info=exc)
                         outcomes.append((future, False, exc))
         if self._on_commit is not None:
             self._on_commit(len(batch), time.perf_counter() - started)

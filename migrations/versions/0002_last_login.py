@@ -16,12 +16,16 @@ branch_labels = None
 depends_on = None
 
 
+# Should batch mode rebuild the table, it must keep AUTOINCREMENT (ids are never reused).
+_ACCOUNTS = {"table_kwargs": {"sqlite_autoincrement": True}}
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("accounts") as batch:
+    with op.batch_alter_table("accounts", **_ACCOUNTS) as batch:
         batch.add_column(sa.Column("last_login_at", sa.BigInteger(), nullable=True))
     op.execute("UPDATE accounts SET last_login_at = created_at WHERE last_login_at IS NULL")
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("accounts") as batch:
+    with op.batch_alter_table("accounts", **_ACCOUNTS) as batch:
         batch.drop_column("last_login_at")

@@ -1,0 +1,75 @@
+"""Fixtures for the storage and service tests: a real SQLite file created by the migrations.
+
+Every database here lives in ``tmp_path`` and is brought to head by
+``chatserver.storage.migrate.ensure_schema`` (the server's own start-up path), never by
+``metadata.create_all``, so the tests exercise the schema the migrations really build.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from chatserver.passwords import HashParameters, PasswordHasher
+from chatserver.service import ChatService
+from chatserver.storage.database import Database
+from chatserver.storage.migrate import ensure_schema
+from chatserver.storage.writer import GroupCommitWriter
+
+# Cheap Argon2 parameters for tests only (the default costs 64 MiB and t=3 per hash).
+FAST_HASH = HashParameters(time_cost=1, memory_kib=64, parallelism=1)
+START_MS = 1_700_000_000_000  # the fake clock's first reading (ms since the Unix epoch)
+
+
+class FakeClock:
+    """A clock the test moves by hand; ``now()`` is what ChatService calls."""
+
+    def __init__(self, start: int = START_MS):
+        self.ms = start
+
+    def now(self) -> int:
+        return self.ms
+
+    def advance(self, ms: int) -> int:
+        self.ms += ms
+        return self.ms
+
+
+@pytest.fixture(scope="session")
+def hasher() -> PasswordHasher:
+    return PasswordHasher(FAST_HASH)
+
+
+@pytest.fixture
+def db_path(tmp_path) -> str:
+    return str(tmp_path / "chat.db")
+
+
+@pytest.fixture
+def db(db_path) -> Iterator[Database]:
+    """A Database on a new file, created at head by the start-up policy."""
+    database = Database(db_path)
+    try:
+        status = ensure_schema(database)
+        assert status.state == "empty"
+        yield database
+    finally:
+        database.dispose()
+
+
+@pytest.fixture
+def writer(db) -> Iterator[GroupCommitWriter]:
+    w = GroupCommitWriter(db.write_engine)
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def service(db, writer, hasher, clock) -> ChatService:
+    return ChatService(db, writer, hasher, clock=clock.now)
