@@ -11,7 +11,7 @@ from chatserver.metrics import Metrics, serve_metrics
 from chatserver.passwords import HashParameters, PasswordHasher
 from chatserver.server import ChatServer, ServerConfig
 from chatserver.service import ChatService
-from chatserver.storage.database import Database
+from chatserver.storage.database import Database, create_private_file
 from chatserver.storage.migrate import ensure_schema
 from chatserver.storage.writer import GroupCommitWriter
 
@@ -29,6 +29,8 @@ class ChatApp:
                  hash_params: HashParameters = HashParameters(), migrate: bool = True,
                  metrics_port: int | None = None):
         self.db = Database(db_path, sync=sync)
+        if self.db.is_sqlite and create_private_file(self.db.path):
+            log.info("created database %s (readable by its owner only)", self.db.path)
         self.metrics = Metrics()
         self.metrics_port: int | None = None
         try:

@@ -25,6 +25,7 @@ MAX_PAGE_SIZE = 500
 DEFAULT_FETCH_LIMIT = 100
 MAX_FETCH_LIMIT = 1000
 MAX_ACK_IDS = 1000
+MAX_MESSAGE_ID = 2**63 - 1  # ids are signed 64-bit integers in every supported database
 MAX_CLIENT_MSG_ID_BYTES = 64
 # Per-account protections (defaults; `chat serve` options change them, 0 disables):
 MAX_QUEUED_PER_ACCOUNT = 10_000  # undelivered messages one recipient may have waiting

@@ -178,6 +178,9 @@ class ChatService:
         ids = list(dict.fromkeys(message_ids))
         if len(ids) > domain.MAX_ACK_IDS:
             raise InvalidRequest(f"at most {domain.MAX_ACK_IDS} ids per acknowledgement")
+        # Ids are signed 64-bit in the database; larger ones (valid u64 on the wire) name no
+        # message and would overflow the statement's parameters.
+        ids = [i for i in ids if 0 < i <= domain.MAX_MESSAGE_ID]
         if not ids:
             return 0
         return self.writer.run(lambda repo: repo.delete_messages(account.id, ids))

@@ -14,7 +14,7 @@ import time
 import click
 
 from chatserver.client import ChatClient, ConnectionLost, ServerError
-from chatserver.protocol import Error, Message, Notice, Push
+from chatserver.protocol import Error, LocalProtocolError, Message, Notice, Push
 from chatserver_cli.options import host_option, port_option
 
 HELP = """\
@@ -48,31 +48,48 @@ class Terminal:
         self._seen: set[int] = set()
         self._seen_lock = threading.Lock()
         self.chat: ChatClient | None = None
+        self._acks: list = []
+
+    def wait_for_acks(self, timeout: float = 5.0) -> None:
+        """Let the acknowledgements of pushed messages reach the server before leaving."""
+        deadline = time.monotonic() + timeout
+        for future in self._acks:
+            try:
+                future.result(max(0.0, deadline - time.monotonic()))
+            except Exception:  # lost connection or timeout: those messages are offered again
+                break
+        self._acks.clear()
 
     def say(self, line: str) -> None:
         with self._print_lock:
             self.out.write(line + "\n")
             self.out.flush()
 
-    def show_messages(self, messages: list[Message]) -> list[int]:
-        """Print messages not shown before; return every id (all of them are acknowledged)."""
+    def show_messages(self, messages: list[Message]) -> int:
+        """Print the messages not shown before; return how many were printed."""
+        shown = 0
         for message in messages:
             with self._seen_lock:
                 if message.id in self._seen:
                     continue
                 self._seen.add(message.id)
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(message.sent_at / 1000))
-            self.say(f"[{stamp}] {safe(message.sender)}: {safe(message.body)}")
-        return [m.id for m in messages]
+            # Continuation lines are indented, so a body cannot forge a line from someone else.
+            body = safe(message.body).replace("\n", "\n    ")
+            self.say(f"[{stamp}] {safe(message.sender)}: {body}")
+            shown += 1
+        return shown
 
     def on_push(self, event) -> None:
         """Called on the reader thread for pushes, notices and connection errors."""
         if isinstance(event, Push):
-            ids = self.show_messages([event.message])
+            # Acknowledge before printing, without waiting (this is the thread replies arrive
+            # on); the client waits for outstanding acks before it closes.
             try:
-                self.chat.ack_nowait(ids)  # no waiting here: this is the thread replies arrive on
+                self._acks.append(self.chat.ack_nowait([event.message.id]))
             except ConnectionLost:
                 pass
+            self.show_messages([event.message])
         elif isinstance(event, Notice):
             self.say(f"* {event.code}: {safe(event.text)}")
         elif isinstance(event, Error):
@@ -96,6 +113,8 @@ class Terminal:
             self.say(f"error: {exc.code}: {exc.text}")
         except UsageError as exc:
             self.say(f"usage: {exc}")
+        except LocalProtocolError as exc:  # e.g. a text too long for the wire format
+            self.say(f"error: cannot send that: {exc}")
         return True
 
     # -- commands ---------------------------------------------------------------------------
@@ -140,12 +159,15 @@ class Terminal:
         try:
             limit = int(args) if args else 0
         except ValueError:
-            raise UsageError("/inbox [N]") from None
+            limit = -1
+        if not 0 <= limit <= 65535:
+            raise UsageError("/inbox [N]")
         reply = self.chat.fetch(limit)
-        if not reply.messages:
+        messages = list(reply.messages)
+        if messages:
+            self.chat.ack([m.id for m in messages])
+        if not self.show_messages(messages):
             self.say("no messages waiting")
-            return
-        self.chat.ack(self.show_messages(list(reply.messages)))
         if reply.remaining:
             self.say(f"{reply.remaining} more waiting; /inbox shows them")
 
@@ -206,6 +228,8 @@ def client(host, port, timeout) -> None:
     chat = terminal.chat
     click.echo(f"connected to {host}:{port} ({chat.welcome.server}); /help lists the commands",
                err=True)
+    # Undecodable input becomes U+FFFD rather than a crash (or text the wire cannot carry).
+    sys.stdin.reconfigure(errors="replace")
     try:
         for line in sys.stdin:
             if not terminal.run_command(line):
@@ -215,4 +239,5 @@ def client(host, port, timeout) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        terminal.wait_for_acks()
         chat.close()

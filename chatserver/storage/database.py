@@ -50,6 +50,24 @@ def _configure_sqlite(engine: Engine, sync: str, begin_sql: str) -> None:
         conn.exec_driver_sql(begin_sql)
 
 
+PRIVATE_FILE_MODE = 0o600  # messages and password hashes are nobody else's business
+
+
+def create_private_file(path: str) -> bool:
+    """Create ``path`` empty with owner-only permissions if it does not exist; True if created.
+
+    Created with the mode rather than chmod-ed afterwards, so there is no moment at which
+    others could open it; SQLite gives its -wal and -shm files the same permissions.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    os.chmod(path, PRIVATE_FILE_MODE)  # the umask may have removed the owner's bits
+    return True
+
+
 class Database:
     """One chat database: a write engine, a read engine and how to open units of work.
 

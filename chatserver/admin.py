@@ -1,0 +1,384 @@
+"""Administration of a chat database: what ``chat admin`` does, without any user interface.
+
+Every function takes an open :class:`Database` and is safe while ``chat serve`` runs on the
+same database: reads are snapshots, writes are short ``BEGIN IMMEDIATE`` transactions that
+wait in the busy timeout instead of failing with "database is locked", and long work
+(purge, backup) is split into steps so the server's writers are never held up for long.
+
+Refusals raise :class:`AdminError` (or a domain error such as ``NoSuchAccount``); the
+message is one line meant for the operator. Progress is reported through optional
+``progress(done, total)`` callbacks; this module never prints.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import text
+
+from chatserver import domain
+from chatserver.domain import Account
+from chatserver.errors import InvalidName, NoSuchAccount
+from chatserver.passwords import PasswordHasher
+from chatserver.storage import database
+from chatserver.storage.database import Database
+from chatserver.storage.migrate import SchemaStatus, head_revision, schema_status, upgrade
+
+DAY_MS = 86_400_000
+PURGE_BATCH_SIZE = 1000  # rows per write transaction: the server's writers wait at most one batch
+BACKUP_STEP_PAGES = 1024  # pages copied per backup step (4 MiB with 4 KiB pages)
+
+Progress = Callable[[int, int], None]
+
+
+class AdminError(Exception):
+    """The operation cannot be done as asked; the message (one line) says why."""
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# -- the database file ------------------------------------------------------------------------
+
+
+def world_readable(path: str) -> int | None:
+    """The file's permission bits if every user of the machine may read it, else None."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+    return mode if mode & 0o004 else None
+
+
+def create_private_file(path: str) -> None:
+    """Create an empty owner-only file (see storage.database); AdminError if it exists."""
+    try:
+        created = database.create_private_file(path)
+    except OSError as exc:
+        raise AdminError(f"cannot create {path}: {exc.strerror}") from None
+    if not created:
+        raise AdminError(f"{path} already exists")
+
+
+def require_head(db: Database, cli_db: str | None = None) -> SchemaStatus:
+    """The schema status if this is a chat database at head; AdminError otherwise."""
+    status = schema_status(db)
+    if status.state in ("empty", "foreign"):
+        raise AdminError(f"{db.display_name} is not a chat database")
+    if status.state == "ahead":
+        raise AdminError(
+            f"{db.display_name} was written by a newer version of chat "
+            f"(revision {status.current}); upgrade chat to use it")
+    if status.state == "behind":
+        raise AdminError(
+            f"{db.display_name} is at revision {status.current}, behind {status.head}; "
+            f"run: chat admin migrate --db {cli_db or db.display_name}")
+    return status
+
+
+# -- accounts ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccountDetails:
+    account: Account
+    undelivered: int
+    oldest_undelivered_at: int | None  # ms since the epoch
+
+
+def _key(name: str) -> str:
+    try:
+        return domain.name_key(name)
+    except InvalidName:
+        raise NoSuchAccount(f"there is no account named {name!r}") from None
+
+
+def show_account(db: Database, name: str) -> AccountDetails:
+    """One account with its undelivered count and the age of its oldest waiting message."""
+    key = _key(name)
+
+    def read(repo) -> AccountDetails:
+        found = repo.get_by_key(key)
+        if found is None:
+            raise NoSuchAccount(f"there is no account named {name!r}")
+        account = found[0]
+        return AccountDetails(account, repo.count_undelivered(account.id),
+                              repo.oldest_undelivered_at(account.id))
+
+    return db.read(read)
+
+
+def delete_account(db: Database, name: str) -> tuple[Account, int]:
+    """Delete the account as the protocol's delete does; return it and the discarded count.
+
+    A running server notices the account is gone and ends its sessions (its account watcher).
+    """
+    key = _key(name)
+    with db.unit_of_work() as uow:
+        found = uow.repo.get_by_key(key)
+        if found is None:
+            raise NoSuchAccount(f"there is no account named {name!r}")
+        discarded = uow.repo.delete_account(found[0].id)
+        uow.commit()
+    return found[0], discarded
+
+
+def reset_password(db: Database, name: str, password: str, hasher: PasswordHasher) -> Account:
+    """Give the account a new password (hashed here, before the write transaction)."""
+    domain.validate_password(password)
+    key = _key(name)
+    if db.read(lambda repo: repo.account_id_by_key(key)) is None:
+        raise NoSuchAccount(f"there is no account named {name!r}")
+    password_hash = hasher.hash(password)
+    with db.unit_of_work() as uow:
+        found = uow.repo.get_by_key(key)
+        if found is None:  # deleted while we were hashing
+            raise NoSuchAccount(f"there is no account named {name!r}")
+        uow.repo.set_password_hash(found[0].id, password_hash)
+        uow.commit()
+    return found[0]
+
+
+# -- statistics -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stats:
+    accounts: int
+    undelivered: int
+    oldest_undelivered_at: int | None  # ms since the epoch, None when nothing waits
+    database_bytes: int | None  # None when the backend cannot tell
+    revision: str | None
+    head: str
+
+
+def database_size(db: Database) -> int | None:
+    """Bytes the database takes: the SQLite file and its WAL, or PostgreSQL's own figure."""
+    if db.is_sqlite:
+        total = 0
+        for path in (db.path, db.path + "-wal"):
+            try:
+                total += os.path.getsize(path)
+            except FileNotFoundError:
+                pass
+        return total
+    if db.write_engine.dialect.name == "postgresql":
+        with db.read_engine.connect() as conn:
+            return conn.execute(text("SELECT pg_database_size(current_database())")).scalar()
+    return None
+
+
+def stats(db: Database) -> Stats:
+    status = schema_status(db)
+
+    def read(repo) -> tuple[int, int, int | None]:
+        return (repo.count_accounts(), *repo.undelivered_totals())
+
+    accounts, undelivered, oldest = db.read(read)
+    return Stats(accounts, undelivered, oldest, database_size(db), status.current, status.head)
+
+
+# -- retention --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PurgeCounts:
+    """What a purge removes (or, for a plan, would remove)."""
+
+    messages: int = 0
+    recipients: int = 0  # accounts the purged messages were waiting for (plans only)
+    receipts: int = 0
+
+
+def cutoff(days: int, now_ms: int) -> int:
+    """The instant (ms) ``days`` days before ``now_ms``: older things may be purged."""
+    return now_ms - days * DAY_MS
+
+
+def plan_purge(db: Database, *, messages_before: int | None = None,
+               receipts_before: int | None = None) -> PurgeCounts:
+    """Count what ``purge`` with the same cutoffs would remove; changes nothing."""
+
+    def read(repo) -> PurgeCounts:
+        messages, recipients = (repo.count_messages_sent_before(messages_before)
+                                if messages_before is not None else (0, 0))
+        receipts = (repo.count_receipts_created_before(receipts_before)
+                    if receipts_before is not None else 0)
+        return PurgeCounts(messages, recipients, receipts)
+
+    return db.read(read)
+
+
+def purge(db: Database, *, messages_before: int | None = None,
+          receipts_before: int | None = None, batch_size: int = PURGE_BATCH_SIZE,
+          progress: Progress | None = None) -> PurgeCounts:
+    """Delete undelivered messages sent before ``messages_before`` and send receipts created
+    before ``receipts_before`` (ms; None leaves that kind alone), ``batch_size`` rows per
+    transaction. ``progress(done, total)`` follows the rows deleted against the plan.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be positive")
+    plan = plan_purge(db, messages_before=messages_before, receipts_before=receipts_before)
+    total = plan.messages + plan.receipts
+    done = 0
+    if progress:
+        progress(0, total)
+
+    messages = 0
+    if messages_before is not None and plan.messages:
+        after_id = 0
+        while True:
+            with db.unit_of_work() as uow:
+                ids = uow.repo.message_ids_sent_before(messages_before, after_id, batch_size)
+                if not ids:
+                    break
+                deleted = uow.repo.delete_messages_sent_before(messages_before, ids)
+                uow.commit()
+            messages += deleted
+            after_id = ids[-1]
+            done = min(done + deleted, total)
+            if progress:
+                progress(done, total)
+
+    receipts = 0
+    if receipts_before is not None and plan.receipts:
+        while True:
+            with db.unit_of_work() as uow:
+                deleted = uow.repo.delete_receipts_created_before(receipts_before, batch_size)
+                uow.commit()
+            if not deleted:
+                break
+            receipts += deleted
+            done = min(done + deleted, total)
+            if progress:
+                progress(done, total)
+
+    if progress:
+        progress(total, total)
+    return PurgeCounts(messages=messages, recipients=plan.recipients, receipts=receipts)
+
+
+# -- backup -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    path: str
+    pages: int
+    bytes: int
+
+
+def backup(db: Database, dest: str, *, step_pages: int = BACKUP_STEP_PAGES,
+           progress: Progress | None = None) -> BackupResult:
+    """A consistent copy of a live SQLite database at ``dest``, through the online backup API.
+
+    The source connection holds one read transaction for the whole copy, so every step copies
+    from the same snapshot: the copy is the database as of the start, and the server's writes
+    meanwhile (WAL mode) neither block nor restart it. The copy is written next to ``dest``
+    with owner-only permissions, checked with ``PRAGMA quick_check``, then renamed into place.
+    ``progress(done, total)`` counts pages.
+    """
+    if not db.is_sqlite:
+        raise AdminError("backup copies SQLite files; for PostgreSQL use pg_dump")
+    dest = os.path.abspath(dest)
+    if os.path.exists(dest):
+        raise AdminError(f"{dest} already exists; choose a new name")
+    directory = os.path.dirname(dest)
+    if not os.path.isdir(directory):
+        raise AdminError(f"no directory {directory}")
+    partial = f"{dest}.partial-{os.getpid()}"
+    create_private_file(partial)
+    try:
+        pages = _copy(db.path, partial, step_pages, progress)
+        check = sqlite3.connect(partial)
+        try:
+            result = check.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            check.close()
+        if result != "ok":
+            raise AdminError(f"the copy failed its integrity check ({result}); {dest} not written")
+        os.replace(partial, dest)
+    except BaseException:
+        for leftover in (partial, partial + "-journal", partial + "-wal", partial + "-shm"):
+            try:
+                os.remove(leftover)
+            except FileNotFoundError:
+                pass
+        raise
+    return BackupResult(dest, pages, os.path.getsize(dest))
+
+
+def _copy(source_path: str, dest_path: str, step_pages: int, progress: Progress | None) -> int:
+    try:
+        source = sqlite3.connect(source_path, timeout=30, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise AdminError(f"cannot open {source_path}: {exc}") from None
+    try:
+        # Start a read transaction and pin its snapshot; sqlite3_backup_step uses an open
+        # transaction of the source connection instead of taking a new snapshot per step.
+        source.execute("BEGIN")
+        total = source.execute("PRAGMA page_count").fetchone()[0]
+        if progress:
+            progress(0, total)
+        target = sqlite3.connect(dest_path)
+        try:
+            source.backup(target, pages=step_pages, progress=(
+                (lambda _status, remaining, count: progress(count - remaining, count))
+                if progress else None))
+        finally:
+            target.close()
+        source.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise AdminError(f"backup failed: {exc}") from None
+    finally:
+        source.close()
+    return total
+
+
+# -- schema -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MigrateResult:
+    before: SchemaStatus
+    head: str
+    backup_path: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.before.state != "current"
+
+
+def migrate(db: Database, *, on_step: Callable[[str], None] | None = None,
+            progress: Progress | None = None) -> MigrateResult:
+    """Bring the database to head. A SQLite file behind head is backed up next to itself first
+    (``<file>.before-<head>-<time>``); the upgrade runs in one transaction. ``on_step`` hears
+    what is about to happen; ``progress`` follows the backup.
+    """
+    status = schema_status(db)
+    head = head_revision()
+    if status.state == "foreign":
+        raise AdminError(f"{db.display_name} is not a chat database (it has other tables); "
+                         "not touching it")
+    if status.state == "ahead":
+        raise AdminError(
+            f"{db.display_name} was written by a newer version of chat "
+            f"(revision {status.current}; this version ends at {head}); not touching it")
+    if status.state == "current":
+        return MigrateResult(status, head)
+    backup_path = None
+    if status.state == "behind" and db.is_sqlite:
+        backup_path = f"{db.path}.before-{head}-{time.strftime('%Y%m%dT%H%M%S')}"
+        if on_step:
+            on_step(f"backing up to {backup_path}")
+        backup(db, backup_path, progress=progress)
+    if on_step:
+        on_step(f"upgrading from {status.current or 'empty'} to {head} (one transaction)")
+    upgrade(db)
+    return MigrateResult(status, head, backup_path)
