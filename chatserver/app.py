@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 
 from chatserver.errors import ChatError
@@ -27,7 +28,7 @@ class ChatApp:
 
     def __init__(self, db_path: str, config: ServerConfig, *, sync: str = "full",
                  hash_params: HashParameters = HashParameters(), migrate: bool = True,
-                 metrics_port: int | None = None):
+                 metrics_port: int | None = None, ssl_context: ssl.SSLContext | None = None):
         self.db = Database(db_path, sync=sync)
         if self.db.is_sqlite and create_private_file(self.db.path):
             log.info("created database %s (readable by its owner only)", self.db.path)
@@ -43,7 +44,7 @@ class ChatApp:
                 max_message_bytes=config.max_message_bytes,
                 max_queued_per_account=config.max_queued_per_account,
                 send_limiter=RateLimiter(config.send_rate, config.send_burst))
-            self.server = ChatServer(config, self.service, self.metrics)
+            self.server = ChatServer(config, self.service, self.metrics, ssl_context=ssl_context)
             self.metrics.track_undelivered(self.service.undelivered_total)
             if metrics_port is not None:
                 self.metrics_port = serve_metrics(self.metrics, metrics_port)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import queue
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -18,8 +19,8 @@ from chatserver.protocol import (
     CLOSED,
     NEED_DATA,
     PROTOCOL_VERSION,
-    Ack,
     AccountList,
+    Ack,
     Connection,
     DeleteAccount,
     Error,
@@ -40,6 +41,7 @@ from chatserver.protocol import (
     Sent,
     Welcome,
 )
+from chatserver.tls import TlsSocket
 
 
 class ServerError(Exception):
@@ -61,7 +63,8 @@ class ChatClient:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 2023, *, timeout: float = 30.0,
                  on_push: Callable[[object], None] | None = None, client_name: str = "chat-client",
-                 sock: socket.socket | None = None, heartbeat: float | None = None):
+                 sock: socket.socket | None = None, heartbeat: float | None = None,
+                 tls_context: ssl.SSLContext | None = None):
         self.timeout = timeout
         self.pushes: queue.Queue = queue.Queue()
         self._on_push = on_push or self.pushes.put
@@ -72,9 +75,18 @@ class ChatClient:
         self._send_lock = threading.Lock()
         self._closed = False
         self.close_reason: str | None = None
-        self._sock = sock or socket.create_connection((host, port), timeout=timeout)
+        raw = sock or socket.create_connection((host, port), timeout=timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls_context is not None:
+            secure = TlsSocket(raw, tls_context, server_side=False, server_hostname=host)
+            try:
+                secure.handshake(timeout)
+            except (OSError, ssl.SSLError):
+                raw.close()
+                raise
+            raw = secure
+        self._sock = raw
         self._sock.settimeout(None)
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._reader = threading.Thread(target=self._read_loop, name="chat-client-reader",
                                         daemon=True)
         self._reader.start()

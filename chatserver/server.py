@@ -9,24 +9,35 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import socket
 import socketserver
+import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from chatserver import domain
+from chatserver import domain, tls
 from chatserver.domain import Account, StoredMessage
-from chatserver.errors import AlreadyLoggedIn, ChatError, NotLoggedIn
+from chatserver.errors import (
+    AlreadyLoggedIn,
+    ChatError,
+    InvalidCredentials,
+    NotLoggedIn,
+    RateLimited,
+)
+from chatserver.limits import RateLimiter
+from chatserver.metrics import Metrics
 from chatserver.protocol import (
     CLOSED,
     MAX_FRAME_SIZE,
     NEED_DATA,
     PROTOCOL_VERSION,
-    Ack,
     AccountDeleted,
     AccountEntry,
     AccountList,
+    Ack,
     Acked,
     Connection,
     DeleteAccount,
@@ -51,13 +62,14 @@ from chatserver.protocol import (
     Welcome,
     encode_event,
 )
-from chatserver.metrics import Metrics
 from chatserver.service import ChatService
 from chatserver.sessions import OUTBOX_MAX_BYTES, Outbox, SessionRegistry
+from chatserver.throttle import FailureThrottle
 
 log = logging.getLogger("chatserver")
 
 SUPPORTED_VERSIONS = (PROTOCOL_VERSION,)
+TLS_HANDSHAKE_RECORD = 0x16  # the first byte a TLS client sends
 RECV_BYTES = 256 * 1024  # read big chunks: fewer syscalls when requests are pipelined
 # How long a closing connection may take to write what it still has queued.
 SHUTDOWN_FLUSH_SECONDS = 2.0
@@ -79,6 +91,9 @@ class ServerConfig:
     max_queued_per_account: int = domain.MAX_QUEUED_PER_ACCOUNT
     send_rate: float = domain.SEND_RATE
     send_burst: int = domain.SEND_BURST
+    login_free_failures: int = 5  # per account name and per address; -1 disables
+    login_max_lockout: float = 300.0  # seconds; lockouts double from 1 s up to this
+    registrations_per_hour: int = 30  # per client address (also the burst); 0 disables
     server_name: str = "chat/0.1"
 
 
@@ -100,17 +115,40 @@ class ChatConnection(socketserver.BaseRequestHandler):
         self.server_stopping = False
         self._ping_nonce = itertools.count(1)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.server.config.heartbeat_interval:
-            self.sock.settimeout(self.server.config.heartbeat_interval)
+        self.refused = False
+        if self.server.ssl_context is not None:
+            self.refused = not self._start_tls()
+        self.sock.settimeout(self.server.config.heartbeat_interval or None)
         self.outbox = Outbox(self.sock, name=self.peer,
                              max_bytes=self.server.config.outbox_max_bytes)
         self.server.metrics.connections.inc()
         self.server.metrics.connections_total.inc()
         log.info("connect %s", self.peer)
 
+    def _start_tls(self) -> bool:
+        """Handshake on this handler's thread (a slow peer must not hold up accepting)."""
+        try:
+            self.sock.settimeout(tls.HANDSHAKE_TIMEOUT)
+            first = self.sock.recv(1, socket.MSG_PEEK)
+            if first and first[0] != TLS_HANDSHAKE_RECORD:
+                # A plaintext client: tell it in its own language instead of hanging up.
+                log.info("plaintext client on the TLS port from %s", self.peer)
+                self.sock.sendall(encode_event(Error(
+                    request_id=0, code="tls_required", text="this server requires TLS")))
+                return False
+            secure = tls.TlsSocket(self.sock, self.server.ssl_context, server_side=True)
+            secure.handshake()
+        except (OSError, ssl.SSLError) as exc:
+            log.info("TLS handshake with %s failed: %s", self.peer, exc)
+            return False
+        self.sock = secure
+        return True
+
     # -- the read loop ----------------------------------------------------------------------
 
     def handle(self) -> None:
+        if self.refused:
+            return
         refusal = self.server.admit(self)
         if refusal is not None:
             self.reply_error(0, *refusal)
@@ -192,18 +230,34 @@ class ChatConnection(socketserver.BaseRequestHandler):
                        heartbeat_interval=config.heartbeat_interval)
 
     def on_register(self, event: Register):
+        wait = self.server.register_limiter.acquire(self.client_address[0])
+        if wait:
+            raise RateLimited("too many registrations from this address; try again later",
+                              retry_after_ms=math.ceil(wait * 1000))
         account = self.server.service.register(event.name, event.password)
         self.log_in(account)
         log.info("register %s from %s", account.name, self.peer)
         return LoggedIn(request_id=event.request_id, name=account.name, pending=0)
 
     def on_login(self, event: Login):
+        throttles = (self.server.account_throttle, self.server.address_throttle)
+        keys = (event.name.casefold(), self.client_address[0])
+        wait = max(throttle.locked_for(key) for throttle, key in zip(throttles, keys))
+        if wait:
+            self.server.metrics.logins.labels("throttled").inc()
+            raise RateLimited("too many failed logins; try again later",
+                              retry_after_ms=math.ceil(wait * 1000))
         try:
             account, pending = self.server.service.login(event.name, event.password)
-        except ChatError:
+        except InvalidCredentials:
+            for throttle, key in zip(throttles, keys):
+                throttle.failure(key)
             self.server.metrics.logins.labels("failed").inc()
             log.info("failed login from %s", self.peer)
             raise
+        # Only the account's count is cleared: succeeding on an account of one's own must
+        # not reset the address's count of guesses at other accounts.
+        self.server.account_throttle.success(keys[0])
         self.server.metrics.logins.labels("ok").inc()
         self.log_in(account)
         log.info("login %s from %s", account.name, self.peer)
@@ -306,6 +360,11 @@ class ChatConnection(socketserver.BaseRequestHandler):
         self.send(Error(request_id=request_id, code=code, text=text))
 
     def finish(self) -> None:
+        if self.refused:
+            self.outbox.close(timeout=0)
+            self.server.metrics.connections.dec()
+            log.info("disconnect %s", self.peer)
+            return
         self.log_out()
         if self.server_stopping:
             self.outbox.put(encode_event(Notice(code="shutting_down",
@@ -339,10 +398,21 @@ class ChatServer(socketserver.ThreadingTCPServer):
     block_on_close = False
     request_queue_size = 1024
 
-    def __init__(self, config: ServerConfig, service: ChatService, metrics: Metrics | None = None):
+    def __init__(self, config: ServerConfig, service: ChatService, metrics: Metrics | None = None,
+                 *, ssl_context: ssl.SSLContext | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.service = service
         self.metrics = metrics or Metrics()
+        self.ssl_context = ssl_context
+        # An address may be shared (NAT, an office): it gets four times the free failures.
+        self.account_throttle = FailureThrottle(free_failures=config.login_free_failures,
+                                                max_delay=config.login_max_lockout, clock=clock)
+        self.address_throttle = FailureThrottle(
+            free_failures=config.login_free_failures * 4 if config.login_free_failures >= 0
+            else -1, max_delay=config.login_max_lockout, clock=clock)
+        self.register_limiter = RateLimiter(config.registrations_per_hour / 3600.0,
+                                            max(1, config.registrations_per_hour), clock=clock)
         self.registry = SessionRegistry()
         self._connections: set[ChatConnection] = set()
         self._lock = threading.Lock()

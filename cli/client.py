@@ -7,12 +7,14 @@ as they arrive. Every message shown is acknowledged, and a message id is never s
 from __future__ import annotations
 
 import re
+import ssl
 import sys
 import threading
 import time
 
 import click
 
+from chatserver import tls
 from chatserver.client import ChatClient, ConnectionLost, ServerError
 from chatserver.protocol import Error, LocalProtocolError, Message, Notice, Push
 from chatserver_cli.options import host_option, port_option
@@ -209,7 +211,14 @@ COMMANDS = {
 @port_option
 @click.option("--timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
               show_envvar=True, help="Seconds to wait for the server to answer a request.")
-def client(host, port, timeout) -> None:
+@click.option("--tls", "use_tls", is_flag=True, show_envvar=True,
+              help="Connect with TLS, verifying the server's certificate and host name.")
+@click.option("--cafile", type=click.Path(exists=True, dir_okay=False), default=None,
+              show_envvar=True, help="Trust the CA certificates in this PEM file (with --tls).")
+@click.option("--insecure", is_flag=True, show_envvar=True,
+              help="With --tls, do not verify the certificate (anyone in between can read "
+                   "and change everything).")
+def client(host, port, timeout, use_tls, cafile, insecure) -> None:
     """Chat from the terminal: commands on standard input, messages as they arrive.
 
     Works in a pipe too (scripted mode): each line is run after the previous one was answered.
@@ -220,9 +229,20 @@ def client(host, port, timeout) -> None:
       chat client --port 2023
       printf '/login alice s3cret-pw\\n/msg bob hi\\n' | chat client
     """
+    context = None
+    if use_tls or cafile or insecure:
+        if insecure:
+            click.echo("warning: --insecure: the server's identity is not checked; anyone "
+                       "between you and it can read and change what you send", err=True)
+        context = tls.client_context(cafile, insecure)
     terminal = Terminal()
     try:
-        terminal.chat = ChatClient(host, port, timeout=timeout, on_push=terminal.on_push)
+        terminal.chat = ChatClient(host, port, timeout=timeout, on_push=terminal.on_push,
+                                   tls_context=context)
+    except ssl.SSLError as exc:
+        raise click.ClickException(
+            f"TLS with {host}:{port} failed ({exc.reason or exc}); is it a TLS port, and is its "
+            "certificate trusted (--cafile)?") from None
     except (OSError, ConnectionLost) as exc:
         raise click.ClickException(f"could not connect to {host}:{port}: {exc}") from None
     chat = terminal.chat

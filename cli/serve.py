@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import sys
 import threading
 
 import click
 
+from chatserver import tls
 from chatserver.app import ChatApp
 from chatserver.logs import configure_logging
 from chatserver.passwords import HashParameters
@@ -42,6 +44,19 @@ from chatserver_cli.options import db_option, host_option, port_option
                    "0: no limit.")
 @click.option("--send-burst", type=click.IntRange(1), default=500, show_default=True,
               show_envvar=True, help="Messages one account may send in a burst above the rate.")
+@click.option("--login-free-failures", type=click.IntRange(-1), default=5, show_default=True,
+              show_envvar=True,
+              help="Failed logins allowed per account name (four times as many per client "
+                   "address) before lockouts that double from 1 s. -1 disables.")
+@click.option("--login-max-lockout", type=click.FloatRange(1), default=300.0, show_default=True,
+              show_envvar=True, help="Longest login lockout, in seconds.")
+@click.option("--registrations-per-hour", type=click.IntRange(0), default=30, show_default=True,
+              show_envvar=True, help="Accounts one client address may register per hour. 0: no "
+                                     "limit.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              show_envvar=True, help="Serve TLS (1.2 or later) with this certificate chain (PEM).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              show_envvar=True, help="The private key of --tls-cert (PEM).")
 @click.option("--no-migrate", is_flag=True, show_envvar=True,
               help="Refuse to start on a database behind this version instead of upgrading it.")
 @click.option("--argon2-time-cost", type=click.IntRange(1), default=3, show_default=True,
@@ -55,7 +70,8 @@ from chatserver_cli.options import db_option, host_option, port_option
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, show_envvar=True, help="Log lines as text or one JSON object each.")
 def serve(db, host, port, sync, max_connections, heartbeat_interval, max_message_bytes,
-          max_queued_per_account, send_rate, send_burst, no_migrate, argon2_time_cost, argon2_memory_kib, metrics_port, log_level,
+          max_queued_per_account, send_rate, send_burst, login_free_failures, login_max_lockout,
+          registrations_per_hour, tls_cert, tls_key, no_migrate, argon2_time_cost, argon2_memory_kib, metrics_port, log_level,
           log_format) -> None:
     """Run the chat server on a database (created and migrated as needed).
 
@@ -71,11 +87,22 @@ def serve(db, host, port, sync, max_connections, heartbeat_interval, max_message
                           heartbeat_interval=heartbeat_interval,
                           max_message_bytes=max_message_bytes,
                           max_queued_per_account=max_queued_per_account,
-                          send_rate=send_rate, send_burst=send_burst)
+                          send_rate=send_rate, send_burst=send_burst,
+                          login_free_failures=login_free_failures,
+                          login_max_lockout=login_max_lockout,
+                          registrations_per_hour=registrations_per_hour)
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    ssl_context = None
+    if tls_cert:
+        try:
+            ssl_context = tls.server_context(tls_cert, tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise click.ClickException(f"cannot use the TLS certificate or key: {exc}") from None
     params = HashParameters(time_cost=argon2_time_cost, memory_kib=argon2_memory_kib)
     try:
         app = ChatApp(db, config, sync=sync, hash_params=params, migrate=not no_migrate,
-                      metrics_port=metrics_port)
+                      metrics_port=metrics_port, ssl_context=ssl_context)
     except SchemaError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
@@ -86,7 +113,8 @@ def serve(db, host, port, sync, max_connections, heartbeat_interval, max_message
         signal.signal(signum, lambda *_: stop.set())
     app.start()
     bound_host, bound_port = app.address
-    click.echo(f"chat server listening on {bound_host}:{bound_port} (database {app.db.display_name})")
+    click.echo(f"chat server listening on {bound_host}:{bound_port} (database "
+               f"{app.db.display_name}{', TLS' if ssl_context else ''})")
     if app.metrics_port is not None:
         click.echo(f"metrics on http://127.0.0.1:{app.metrics_port}/metrics")
     sys.stdout.flush()
