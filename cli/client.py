@@ -17,6 +17,7 @@ import click
 from chatserver import tls
 from chatserver.client import ChatClient, ConnectionLost, ServerError
 from chatserver.protocol import Error, LocalProtocolError, Message, Notice, Push
+from chatserver.resilient import ResilientClient
 from chatserver_cli.options import host_option, port_option
 
 HELP = """\
@@ -49,8 +50,13 @@ class Terminal:
         self._print_lock = threading.Lock()
         self._seen: set[int] = set()
         self._seen_lock = threading.Lock()
-        self.chat: ChatClient | None = None
+        self.session: ResilientClient | None = None
         self._acks: list = []
+
+    @property
+    def chat(self) -> ChatClient:
+        """The current connection (a new one after a reconnect)."""
+        return self.session.client
 
     def wait_for_acks(self, timeout: float = 5.0) -> None:
         """Let the acknowledgements of pushed messages reach the server before leaving."""
@@ -123,24 +129,24 @@ class Terminal:
 
     def cmd_register(self, args: str) -> None:
         name, password = _two(args, "/register NAME PASSWORD")
-        reply = self.chat.register(name, password)
+        reply = self.session.register(name, password)
         self.say(f"registered and logged in as {reply.name}")
 
     def cmd_login(self, args: str) -> None:
         name, password = _two(args, "/login NAME PASSWORD")
-        reply = self.chat.login(name, password)
+        reply = self.session.login(name, password)
         waiting = f"{reply.pending} message(s) waiting; /inbox shows them" if reply.pending \
             else "no messages waiting"
         self.say(f"logged in as {reply.name} ({waiting})")
 
     def cmd_logout(self, args: str) -> None:
-        self.chat.logout()
+        self.session.logout()
         self.say("logged out")
 
     def cmd_users(self, args: str) -> None:
         after, shown = "", 0
         while True:
-            page = self.chat.list_accounts(args, after, 500)
+            page = self.session.retrying(lambda c: c.list_accounts(args, after, 500))
             for entry in page.accounts:
                 self.say(f"{entry.name}{'  (online)' if entry.online else ''}")
             shown += len(page.accounts)
@@ -153,7 +159,7 @@ class Terminal:
         name, _, text = args.partition(" ")
         if not name or not text:
             raise UsageError("/msg NAME TEXT")
-        reply = self.chat.send(name, text)
+        reply = self.session.send(name, text)  # retried with one client_msg_id: never twice
         how = "delivered live" if reply.pushed else "queued until they fetch it"
         self.say(f"sent to {name} (#{reply.message_id}, {how})")
 
@@ -164,10 +170,10 @@ class Terminal:
             limit = -1
         if not 0 <= limit <= 65535:
             raise UsageError("/inbox [N]")
-        reply = self.chat.fetch(limit)
+        reply = self.session.retrying(lambda c: c.fetch(limit))
         messages = list(reply.messages)
         if messages:
-            self.chat.ack([m.id for m in messages])
+            self.session.retrying(lambda c: c.ack([m.id for m in messages]))
         if not self.show_messages(messages):
             self.say("no messages waiting")
         if reply.remaining:
@@ -236,17 +242,24 @@ def client(host, port, timeout, use_tls, cafile, insecure) -> None:
                        "between you and it can read and change what you send", err=True)
         context = tls.client_context(cafile, insecure)
     terminal = Terminal()
+
+    def connect() -> ChatClient:
+        return ChatClient(host, port, timeout=timeout, on_push=terminal.on_push,
+                          tls_context=context)
+
+    def reconnected(_client: ChatClient) -> None:
+        terminal.say("* reconnected")
+
     try:
-        terminal.chat = ChatClient(host, port, timeout=timeout, on_push=terminal.on_push,
-                                   tls_context=context)
+        terminal.session = ResilientClient(connect, on_reconnect=reconnected)
     except ssl.SSLError as exc:
         raise click.ClickException(
             f"TLS with {host}:{port} failed ({exc.reason or exc}); is it a TLS port, and is its "
             "certificate trusted (--cafile)?") from None
     except (OSError, ConnectionLost) as exc:
         raise click.ClickException(f"could not connect to {host}:{port}: {exc}") from None
-    chat = terminal.chat
-    click.echo(f"connected to {host}:{port} ({chat.welcome.server}); /help lists the commands",
+    click.echo(f"connected to {host}:{port} ({terminal.chat.welcome.server}); /help lists the "
+               "commands",
                err=True)
     # Undecodable input becomes U+FFFD rather than a crash (or text the wire cannot carry).
     sys.stdin.reconfigure(errors="replace")
@@ -260,4 +273,4 @@ def client(host, port, timeout, use_tls, cafile, insecure) -> None:
         pass
     finally:
         terminal.wait_for_acks()
-        chat.close()
+        terminal.session.close()

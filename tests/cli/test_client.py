@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from chatserver.resilient import ResilientClient
 from chatserver_cli.client import HELP, Terminal, safe
 from tests.conftest import ServerProcess, chat_command  # tests/conftest.py
 
@@ -443,6 +444,9 @@ class FakeChat:
     def ack_nowait(self, ids) -> None:
         self.acked.append(list(ids))
 
+    def close(self) -> None:
+        pass
+
 
 def message(id: int, body: str, sender: str = "alice") -> Message:
     return Message(id=id, sender=sender, sent_at=1_750_000_000_000 + id, body=body)
@@ -466,7 +470,8 @@ def test_pushed_then_fetched_is_shown_once_and_acked_both_times():
     out = io.StringIO()
     terminal = Terminal(out)
     m1, m2 = message(7, "pushed first"), message(8, "only fetched")
-    terminal.chat = FakeChat([m1, m2])  # the fetch happens before the push's ack is processed
+    # the fetch happens before the push's ack is processed
+    terminal.session = ResilientClient(lambda: FakeChat([m1, m2]))
     terminal.on_push(Push(message=m1))
     assert terminal.run_command("/inbox")
     assert out.getvalue().splitlines() == [line(m1), line(m2)]
@@ -476,7 +481,7 @@ def test_pushed_then_fetched_is_shown_once_and_acked_both_times():
 def test_pushes_notices_and_errors_are_escaped():
     out = io.StringIO()
     terminal = Terminal(out)
-    terminal.chat = FakeChat([])
+    terminal.session = ResilientClient(lambda: FakeChat([]))
     terminal.on_push(Push(message=message(1, "\x1b]0;pwned\x07", sender="mallory")))
     terminal.on_push(Notice(code="account_deleted", text="gone\x1b[2J"))
     terminal.on_push(Error(request_id=0, code="server_full", text="try later\x08\x08"))
