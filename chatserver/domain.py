@@ -57,6 +57,33 @@ class StoredMessage:
     body: str
 
 
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message as submitted, before the server has accepted it."""
+
+    sender: Account
+    recipient_key: str  # the case-folded name it is addressed to
+    recipient_name: str  # as the sender wrote it, for error texts
+    body: str
+    sent_at: int
+    client_msg_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    """What became of a send. ``message`` is None for a duplicate (the original may be gone)."""
+
+    message_id: int
+    recipient_id: int
+    duplicate: bool
+    message: StoredMessage | None
+
+
+def shown(name: str, limit: int = MAX_NAME_LENGTH + 8) -> str:
+    """A name as quoted in an error text: repr, cut short (the name may be 64 KiB of junk)."""
+    return repr(name if len(name) <= limit else name[:limit] + "...")
+
+
 def normalize_name(name: str) -> str:
     """Return the canonical form of an account name, or raise InvalidName.
 

@@ -45,6 +45,7 @@ from chatserver.protocol import (
     Fetch,
     Hello,
     ListAccounts,
+    LocalProtocolError,
     LoggedIn,
     Login,
     Logout,
@@ -63,7 +64,7 @@ from chatserver.protocol import (
     encode_event,
 )
 from chatserver.service import ChatService
-from chatserver.sessions import OUTBOX_MAX_BYTES, Outbox, SessionRegistry
+from chatserver.sessions import OUTBOX_MAX_BYTES, Outbox, ReplyQueue, SessionRegistry
 from chatserver.throttle import FailureThrottle
 
 log = logging.getLogger("chatserver")
@@ -71,6 +72,8 @@ log = logging.getLogger("chatserver")
 SUPPORTED_VERSIONS = (PROTOCOL_VERSION,)
 TLS_HANDSHAKE_RECORD = 0x16  # the first byte a TLS client sends
 RECV_BYTES = 256 * 1024  # read big chunks: fewer syscalls when requests are pipelined
+MAX_PIPELINED_REQUESTS = 1024  # requests of one connection awaiting their replies
+PIPELINE_STALL_SECONDS = 60.0  # the writer is stuck beyond this: give up on the connection
 # How long a closing connection may take to write what it still has queued.
 SHUTDOWN_FLUSH_SECONDS = 2.0
 # Room left in a Messages frame for its fixed fields, so a fetch reply never exceeds the limit.
@@ -121,6 +124,7 @@ class ChatConnection(socketserver.BaseRequestHandler):
         self.sock.settimeout(self.server.config.heartbeat_interval or None)
         self.outbox = Outbox(self.sock, name=self.peer,
                              max_bytes=self.server.config.outbox_max_bytes)
+        self.replies = ReplyQueue(self.outbox)
         self.server.metrics.connections.inc()
         self.server.metrics.connections_total.inc()
         log.info("connect %s", self.peer)
@@ -164,7 +168,7 @@ class ChatConnection(socketserver.BaseRequestHandler):
                     log.info("no heartbeat from %s, closing", self.peer)
                     return
                 unanswered_pings += 1
-                self.send(Ping(nonce=next(self._ping_nonce) & 0xFFFFFFFF))
+                self.outbox.put(self.codec.send(Ping(nonce=next(self._ping_nonce) & 0xFFFFFFFF)))
                 continue
             except OSError:
                 return
@@ -181,6 +185,8 @@ class ChatConnection(socketserver.BaseRequestHandler):
             try:
                 event = self.codec.next_event()
             except RemoteProtocolError as exc:
+                if self.server_stopping:  # our own SHUT_RD cut its frame short: not its fault
+                    return False
                 log.info("protocol error from %s: %s", self.peer, exc)
                 self.reply_error(0, "protocol_error", str(exc))
                 return False
@@ -188,12 +194,17 @@ class ChatConnection(socketserver.BaseRequestHandler):
                 return True
             if event is CLOSED:
                 return False
+            # Back-pressure: a client may have this many requests awaiting replies; beyond
+            # that we stop reading until the writer catches up.
+            if not self.replies.wait_below(MAX_PIPELINED_REQUESTS, timeout=PIPELINE_STALL_SECONDS):
+                log.warning("requests of %s stalled; closing", self.peer)
+                return False
             self.dispatch(event)
         return False
 
     def dispatch(self, event) -> None:
         if isinstance(event, Ping):
-            self.send(Pong(nonce=event.nonce))
+            self.send(Pong(nonce=event.nonce))  # in order with the replies, like one
             return
         if isinstance(event, Pong):
             return
@@ -212,7 +223,12 @@ class ChatConnection(socketserver.BaseRequestHandler):
             reply = Error(request_id=event.request_id, code="internal_error",
                           text="internal server error")
         if reply is not None:
-            self.send(reply)
+            try:
+                self.send(reply)
+            except LocalProtocolError:  # a reply that cannot be encoded is our bug
+                log.exception("cannot encode the reply to %s", type(event).__name__)
+                self.send(Error(request_id=event.request_id, code="internal_error",
+                                text="internal server error"))
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -241,7 +257,11 @@ class ChatConnection(socketserver.BaseRequestHandler):
 
     def on_login(self, event: Login):
         throttles = (self.server.account_throttle, self.server.address_throttle)
-        keys = (event.name.casefold(), self.client_address[0])
+        try:  # every spelling of a name (case, full-width forms) shares one count
+            account_key = domain.name_key(event.name)
+        except ChatError:
+            account_key = event.name.casefold()[:64]
+        keys = (account_key, self.client_address[0])
         wait = max(throttle.locked_for(key) for throttle, key in zip(throttles, keys))
         if wait:
             self.server.metrics.logins.labels("throttled").inc()
@@ -275,23 +295,42 @@ class ChatConnection(socketserver.BaseRequestHandler):
         return AccountList(request_id=event.request_id, accounts=entries, next_after=next_after)
 
     def on_send(self, event: Send):
+        """Queue the send for the writer and go on reading; the reply follows its commit."""
+        try:
+            future = self.server.service.submit_send(self.account, event.to, event.body,
+                                                     event.client_msg_id)
+        except ChatError as exc:
+            self.server.metrics.rejected.labels(exc.code).inc()
+            raise
+        slot = self.replies.reserve()
+        future.add_done_callback(lambda done: self._send_done(event.request_id, slot, done))
+        return None
+
+    def _send_done(self, request_id: int, slot: list, future) -> None:
+        """After the commit (on the writer's thread): push to the recipient, then reply."""
         metrics = self.server.metrics
         try:
-            outcome = self.server.service.send(self.account, event.to, event.body,
-                                               event.client_msg_id)
+            outcome = future.result()
         except ChatError as exc:
             metrics.rejected.labels(exc.code).inc()
-            raise
-        pushed = False
-        if outcome.message is not None:
-            metrics.stored.inc()
-            frame = encode_event(Push(message=message_event(outcome.message)))
-            for session in self.server.registry.sessions_of(outcome.recipient_id):
-                if session.push_frame(frame):
-                    pushed = True
-                    metrics.pushed.inc()
-        return Sent(request_id=event.request_id, message_id=outcome.message_id, pushed=pushed,
-                    duplicate=outcome.duplicate)
+            reply = Error(request_id=request_id, code=exc.code, text=exc.message,
+                          retry_after_ms=exc.retry_after_ms)
+        except Exception:
+            log.exception("internal error storing a message from %s", self.peer)
+            reply = Error(request_id=request_id, code="internal_error",
+                          text="internal server error")
+        else:
+            pushed = False
+            if outcome.message is not None:
+                metrics.stored.inc()
+                frame = encode_event(Push(message=message_event(outcome.message)))
+                for session in self.server.registry.sessions_of(outcome.recipient_id):
+                    if session.push_frame(frame):
+                        pushed = True
+                        metrics.pushed.inc()
+            reply = Sent(request_id=request_id, message_id=outcome.message_id, pushed=pushed,
+                         duplicate=outcome.duplicate)
+        self.replies.fill(slot, encode_event(reply))
 
     def on_fetch(self, event: Fetch):
         found, remaining = self.server.service.fetch(self.account, event.limit)
@@ -354,7 +393,8 @@ class ChatConnection(socketserver.BaseRequestHandler):
     # -- output -----------------------------------------------------------------------------
 
     def send(self, event) -> None:
-        self.outbox.put(self.codec.send(event))
+        """A reply, in request order (after the replies still being completed)."""
+        self.replies.reply(self.codec.send(event))
 
     def reply_error(self, request_id: int, code: str, text: str) -> None:
         self.send(Error(request_id=request_id, code=code, text=text))
@@ -366,6 +406,7 @@ class ChatConnection(socketserver.BaseRequestHandler):
             log.info("disconnect %s", self.peer)
             return
         self.log_out()
+        self.replies.wait_below(1, timeout=SHUTDOWN_FLUSH_SECONDS)  # sends being committed
         if self.server_stopping:
             self.outbox.put(encode_event(Notice(code="shutting_down",
                                                 text="the server is stopping")))

@@ -11,17 +11,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from chatserver import domain
-from chatserver.domain import Account, SearchPattern, StoredMessage
+from chatserver.domain import Account, NewMessage, SearchPattern, SendOutcome, StoredMessage
 from chatserver.errors import (
     InvalidCredentials,
     InvalidName,
     InvalidRequest,
     NameTaken,
     NoSuchAccount,
-    QueueFull,
     RateLimited,
 )
 from chatserver.limits import RateLimiter
@@ -36,13 +36,15 @@ def wall_clock_ms() -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class SendOutcome:
-    """What became of a send. ``message`` is None for a duplicate (the original may be gone)."""
+class _SendJob:
+    """A send for the group-commit writer, stored in bulk with the sends around it."""
 
-    message_id: int
-    recipient_id: int
-    duplicate: bool
-    message: StoredMessage | None
+    message: NewMessage
+    cap: int
+
+    @staticmethod
+    def run_bulk(repo: Repository, jobs: list[_SendJob]) -> list:
+        return repo.store_messages([job.message for job in jobs], jobs[0].cap)
 
 
 class ChatService:
@@ -132,36 +134,27 @@ class ChatService:
 
     def send(self, sender: Account, to: str, body: str, client_msg_id: str = "") -> SendOutcome:
         """Store a message for ``to``; returns once it is committed."""
+        return self.submit_send(sender, to, body, client_msg_id).result()
+
+    def submit_send(self, sender: Account, to: str, body: str,
+                    client_msg_id: str = "") -> Future[SendOutcome]:
+        """Check a send and queue it for the writer; the future resolves after its commit.
+
+        Refusals that need no database (size, rate) raise at once; the others (unknown
+        recipient, full queue) come through the future.
+        """
         domain.validate_body(body, self.max_message_bytes)
         domain.validate_client_msg_id(client_msg_id)
         try:
             key = domain.name_key(to)
         except InvalidName:
-            raise NoSuchAccount(f"there is no account named {to!r}") from None
+            raise NoSuchAccount(f"there is no account named {domain.shown(to)}") from None
         wait = self.send_limiter.acquire(sender.id)
         if wait:
             raise RateLimited("too many messages; slow down",
                               retry_after_ms=max(1, math.ceil(wait * 1000)))
-        now = self.clock()
-        cap = self.max_queued_per_account
-
-        def store(repo: Repository) -> SendOutcome:
-            recipient_id = repo.account_id_by_key(key)
-            if recipient_id is None:
-                raise NoSuchAccount(f"there is no account named {to!r}")
-            if client_msg_id:
-                earlier = repo.receipt(sender.id, client_msg_id)
-                if earlier is not None:
-                    return SendOutcome(earlier, recipient_id, True, None)
-            if cap and repo.count_undelivered(recipient_id) >= cap:
-                raise QueueFull(f"{to} has {cap} undelivered messages waiting; try again later")
-            if repo.get(sender.id) is None:
-                raise InvalidCredentials("this account no longer exists")
-            message_id = repo.add_message(sender, recipient_id, body, now, client_msg_id)
-            message = StoredMessage(message_id, sender.name, recipient_id, now, body)
-            return SendOutcome(message_id, recipient_id, False, message)
-
-        return self.writer.run(store)
+        message = NewMessage(sender, key, to, body, self.clock(), client_msg_id)
+        return self.writer.submit(_SendJob(message, self.max_queued_per_account))
 
     def fetch(self, account: Account, limit: int) -> tuple[list[StoredMessage], int]:
         """The oldest undelivered messages and how many more wait after them."""

@@ -93,6 +93,47 @@ class Outbox:
                 return
 
 
+class ReplyQueue:
+    """A connection's replies, in the order of its requests, though some complete later.
+
+    A send is answered when its commit is done, on the writer's thread, while the
+    connection's reader goes on with the next requests; a reply waits here until every
+    earlier request has its reply, then all that are ready go to the outbox in order.
+    """
+
+    def __init__(self, outbox: Outbox):
+        self._outbox = outbox
+        self._slots: deque[list] = deque()
+        self._cond = threading.Condition()
+
+    def reply(self, frame: bytes) -> None:
+        """A reply that is ready now."""
+        with self._cond:
+            if not self._slots:
+                self._outbox.put(frame)
+            else:
+                self._slots.append([frame])
+
+    def reserve(self) -> list:
+        """A place for a reply that will come later (``fill`` it)."""
+        slot: list = [None]
+        with self._cond:
+            self._slots.append(slot)
+        return slot
+
+    def fill(self, slot: list, frame: bytes) -> None:
+        with self._cond:
+            slot[0] = frame
+            while self._slots and self._slots[0][0] is not None:
+                self._outbox.put(self._slots.popleft()[0])
+            self._cond.notify_all()
+
+    def wait_below(self, limit: int, timeout: float | None = None) -> bool:
+        """Wait until fewer than ``limit`` replies are outstanding (back-pressure)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._slots) < limit, timeout)
+
+
 def _shutdown(sock: socket.socket) -> None:
     """Unblock whoever reads or writes this socket; the owner closes it."""
     try:

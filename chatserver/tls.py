@@ -97,10 +97,11 @@ class TlsSocket:
                 return b""
             raw = self._sock.recv(TLS_RECORD_READ)
             if not raw:
+                # End of the peer's stream (or our own SHUT_RD when stopping). The SSL object
+                # is not told: it would refuse to write afterwards, and we may still have a
+                # shutdown notice to send.
                 self._eof = True
-                with self._ssl_lock:
-                    self._incoming.write_eof()
-                continue
+                return b""
             with self._ssl_lock:
                 self._incoming.write(raw)
 

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import Connection, and_, delete, func, insert, select, update
+from sqlalchemy import Connection, and_, delete, func, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
-from chatserver.domain import LIKE_ESCAPE, Account, SearchPattern, StoredMessage
-from chatserver.errors import NameTaken
+from chatserver.domain import (
+    LIKE_ESCAPE,
+    Account,
+    NewMessage,
+    SearchPattern,
+    SendOutcome,
+    StoredMessage,
+    shown,
+)
+from chatserver.errors import ChatError, InvalidCredentials, NameTaken, NoSuchAccount, QueueFull
 from chatserver.storage.tables import accounts, messages, send_receipts
 
 _ACCOUNT_COLUMNS = (accounts.c.id, accounts.c.name, accounts.c.created_at, accounts.c.last_login_at)
@@ -31,6 +39,13 @@ def _account(row) -> Account:
 
 def _message(row) -> StoredMessage:
     return StoredMessage(id=row[0], sender=row[1], recipient_id=row[2], sent_at=row[3], body=row[4])
+
+
+def _chunks(items, size: int = 500):
+    """Lists of at most ``size`` items: bounds the bound parameters of one IN (...)."""
+    items = list(items)
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
 
 
 def _prefix_upper_bound(prefix: str) -> str | None:
@@ -155,6 +170,98 @@ class Repository:
                 )
             )
         return message_id
+
+    def store_messages(self, batch: Sequence[NewMessage], cap: int = 0
+                       ) -> list[SendOutcome | ChatError]:
+        """Accept a batch of sends with a handful of statements, whatever its size.
+
+        Each send gets its outcome or its refusal, in order: unknown recipient, sender
+        deleted meanwhile, recipient's queue at ``cap`` (0 = no cap), or a duplicate
+        ``client_msg_id`` (the earlier message id is returned and nothing is stored). Every
+        check happens before the insert, so refusals need no savepoints.
+        """
+        recipients = self._ids_by_key({m.recipient_key for m in batch})
+        live_senders = self.existing_ids({m.sender.id for m in batch})
+        receipts = self._receipts({(m.sender.id, m.client_msg_id) for m in batch
+                                   if m.client_msg_id})
+        queued = self._undelivered_counts(set(recipients.values())) if cap else {}
+        outcomes: list[SendOutcome | ChatError | None] = []
+        rows: list[dict] = []
+        row_of: list[int] = []  # index in outcomes of each row
+        pending_receipts: dict[tuple[int, str], int] = {}  # receipts first used in this batch
+        for m in batch:
+            recipient_id = recipients.get(m.recipient_key)
+            if recipient_id is None:
+                outcomes.append(NoSuchAccount(f"there is no account named {shown(m.recipient_name)}"))
+                continue
+            if m.sender.id not in live_senders:
+                outcomes.append(InvalidCredentials("this account no longer exists"))
+                continue
+            receipt_key = (m.sender.id, m.client_msg_id)
+            if m.client_msg_id and receipt_key in receipts:
+                outcomes.append(SendOutcome(receipts[receipt_key], recipient_id, True, None))
+                continue
+            if m.client_msg_id and receipt_key in pending_receipts:
+                outcomes.append(pending_receipts[receipt_key])  # resolved below to a duplicate
+                continue
+            if cap:
+                if queued.get(recipient_id, 0) >= cap:
+                    outcomes.append(QueueFull(f"{shown(m.recipient_name)} has {cap} undelivered "
+                                              "messages waiting; try again later"))
+                    continue
+                queued[recipient_id] = queued.get(recipient_id, 0) + 1
+            if m.client_msg_id:
+                pending_receipts[receipt_key] = len(rows)
+            row_of.append(len(outcomes))
+            outcomes.append(None)
+            rows.append({"recipient_id": recipient_id, "sender_id": m.sender.id,
+                         "sender_name": m.sender.name, "sent_at": m.sent_at, "body": m.body})
+        if not rows:
+            return outcomes
+        ids = self.conn.execute(
+            insert(messages).returning(messages.c.id, sort_by_parameter_order=True), rows
+        ).scalars().all()
+        for index, row, message_id in zip(row_of, rows, ids):
+            m = batch[index]
+            outcomes[index] = SendOutcome(message_id, row["recipient_id"], False, StoredMessage(
+                message_id, m.sender.name, row["recipient_id"], m.sent_at, m.body))
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, int):  # a repeat, within this batch, of a row's client id
+                first = outcomes[row_of[outcome]]
+                outcomes[i] = SendOutcome(first.message_id, first.recipient_id, True, None)
+        if pending_receipts:
+            self.conn.execute(insert(send_receipts), [
+                {"sender_id": sender_id, "client_msg_id": client_msg_id,
+                 "message_id": ids[row], "created_at": rows[row]["sent_at"]}
+                for (sender_id, client_msg_id), row in pending_receipts.items()])
+        return outcomes
+
+    def _ids_by_key(self, keys: set[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for chunk in _chunks(keys):
+            rows = self.conn.execute(
+                select(accounts.c.name_key, accounts.c.id).where(accounts.c.name_key.in_(chunk)))
+            found.update((r[0], r[1]) for r in rows)
+        return found
+
+    def _receipts(self, keys: set[tuple[int, str]]) -> dict[tuple[int, str], int]:
+        found: dict[tuple[int, str], int] = {}
+        columns = tuple_(send_receipts.c.sender_id, send_receipts.c.client_msg_id)
+        for chunk in _chunks(keys):
+            rows = self.conn.execute(
+                select(send_receipts.c.sender_id, send_receipts.c.client_msg_id,
+                       send_receipts.c.message_id).where(columns.in_(chunk)))
+            found.update(((r[0], r[1]), r[2]) for r in rows)
+        return found
+
+    def _undelivered_counts(self, recipient_ids: set[int]) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for chunk in _chunks(recipient_ids):
+            rows = self.conn.execute(
+                select(messages.c.recipient_id, func.count())
+                .where(messages.c.recipient_id.in_(chunk)).group_by(messages.c.recipient_id))
+            counts.update((r[0], r[1]) for r in rows)
+        return counts
 
     def receipt(self, sender_id: int, client_msg_id: str) -> int | None:
         """The message id an earlier send with this client_msg_id got, or None."""
