@@ -47,12 +47,15 @@ class ServerProcess:
         self._stderr_thread = threading.Thread(target=self._drain_stderr, daemon=True)
         self._stderr_thread.start()
         line = self.proc.stdout.readline()  # blocks until the server has bound its port
+        self.stdout_lines = [line]
         match = _LISTENING.search(line)
         if not match:
             self.proc.kill()
             self.proc.wait()
             raise RuntimeError(f"server did not start: {line!r} {''.join(self.stderr_lines)}")
         self.host, self.port = match.group(1), int(match.group(2))
+        if "--metrics-port" in self.extra_args:
+            self.stdout_lines.append(self.proc.stdout.readline())
         return self
 
     def _drain_stderr(self) -> None:
