@@ -352,7 +352,17 @@ class ChatConnection(socketserver.BaseRequestHandler):
 
     def on_delete_account(self, event: DeleteAccount):
         account = self.account
-        discarded = self.server.service.delete_account(account, event.password)
+        # Password guesses here count against the account like failed logins do.
+        throttle, key = self.server.account_throttle, domain.name_key(account.name)
+        wait = throttle.locked_for(key)
+        if wait:
+            raise RateLimited("too many wrong passwords; try again later",
+                              retry_after_ms=math.ceil(wait * 1000))
+        try:
+            discarded = self.server.service.delete_account(account, event.password)
+        except InvalidCredentials:
+            throttle.failure(key)
+            raise
         log.info("delete-account %s from %s (%d undelivered discarded)",
                  account.name, self.peer, discarded)
         self.log_out()

@@ -65,9 +65,17 @@ class TlsSocket:
                     data = self._sock.recv(TLS_RECORD_READ)
                     if not data:
                         raise ConnectionResetError("the peer closed the connection during the "
-                                                   "TLS handshake")
+                                                   "TLS handshake") from None
                     with self._ssl_lock:
                         self._incoming.write(data)
+                except ssl.SSLError:
+                    # Send the alert OpenSSL prepared (e.g. protocol_version), so the peer
+                    # learns why, then give up.
+                    try:
+                        self._flush()
+                    except OSError:
+                        pass
+                    raise
         finally:
             self._sock.settimeout(previous)
 

@@ -17,7 +17,10 @@ from chatserver.storage.repository import Repository
 T = TypeVar("T")
 
 SYNC_LEVELS = ("full", "normal")
-BUSY_TIMEOUT_MS = 30_000  # how long a SQLite writer waits for another process's lock
+BUSY_TIMEOUT_MS = 30_000
+# Bound parameters are message bodies and password hashes: never put them in an exception
+# text, which could end up in a log.
+_ENGINE_OPTIONS = {"hide_parameters": True}  # how long a SQLite writer waits for another process's lock
 
 
 def database_url(path_or_url: str) -> str:
@@ -86,15 +89,21 @@ class Database:
                              else make_url(self.url).render_as_string(hide_password=True))
         if self.is_sqlite:
             self.path = make_url(self.url).database
-            self.write_engine = create_engine(self.url, pool_size=pool_size, max_overflow=32)
+            self.write_engine = create_engine(self.url, pool_size=pool_size, max_overflow=32,
+                                              **_ENGINE_OPTIONS)
             _configure_sqlite(self.write_engine, sync, "BEGIN IMMEDIATE")
-            self.read_engine = create_engine(self.url, pool_size=pool_size, max_overflow=64)
+            self.read_engine = create_engine(self.url, pool_size=pool_size, max_overflow=64,
+                                             **_ENGINE_OPTIONS)
             _configure_sqlite(self.read_engine, sync, "BEGIN")
         else:
             self.path = None
             self.write_engine = create_engine(self.url, pool_size=pool_size, max_overflow=64,
+                                              **_ENGINE_OPTIONS,
                                               pool_pre_ping=True)
-            self.read_engine = self.write_engine
+            # Same pool; reads run in REPEATABLE READ so that read() sees one snapshot, as a
+            # SQLite read transaction does (READ COMMITTED would see each statement's own).
+            self.read_engine = self.write_engine.execution_options(
+                isolation_level="REPEATABLE READ")
 
     def enable_wal(self) -> None:
         """Switch a SQLite file to WAL (persistent in the file; readers never block the writer)."""
