@@ -333,6 +333,8 @@ class ChatConnection(socketserver.BaseRequestHandler):
         self.replies.fill(slot, encode_event(reply))
 
     def on_fetch(self, event: Fetch):
+        # A fetch sees the sends this connection made before it (they may still be committing).
+        self.replies.wait_below(1, timeout=PIPELINE_STALL_SECONDS)
         found, remaining = self.server.service.fetch(self.account, event.limit)
         budget = self.server.config.max_frame_size - _MESSAGES_FRAME_OVERHEAD
         messages = []

@@ -1,0 +1,1 @@
+"""End-to-end tests: a real ``chat serve`` process, real sockets, black-box."""
