@@ -124,6 +124,11 @@ class Repository:
         prefix searches on any backend; LIKE then filters within the range.
         """
         key = accounts.c.name_key
+        # No name key holds U+0000, and PostgreSQL cannot bind it in text: a pattern with it
+        # matches nothing, and an ``after`` cut at it marks the same place in key order.
+        if "\x00" in pattern.like:
+            return []
+        after = after.split("\x00", 1)[0]
         conditions = [key.like(pattern.like, escape=LIKE_ESCAPE)]
         if pattern.prefix:
             conditions.append(key >= pattern.prefix)
@@ -173,6 +178,26 @@ class Repository:
 
     def store_messages(self, batch: Sequence[NewMessage], cap: int = 0
                        ) -> list[SendOutcome | ChatError]:
+        """Store a batch of sends; see ``_store_messages_once``.
+
+        On SQLite the writer holds the database's write lock, so nothing changes between the
+        checks and the inserts. On PostgreSQL another process (a second server, ``chat
+        admin``) can commit in between: the same sender's client_msg_id (a retry through
+        another server) or the deletion of a recipient. The insert then violates a key; the
+        batch is undone to a savepoint and checked again once, now seeing that commit, so
+        the retry becomes a duplicate and the deleted recipient an unknown one instead of
+        one failure for every send of the batch.
+        """
+        if self.conn.dialect.name == "sqlite":
+            return self._store_messages_once(batch, cap)
+        try:
+            with self.conn.begin_nested():
+                return self._store_messages_once(batch, cap)
+        except IntegrityError:
+            return self._store_messages_once(batch, cap)
+
+    def _store_messages_once(self, batch: Sequence[NewMessage], cap: int = 0
+                             ) -> list[SendOutcome | ChatError]:
         """Accept a batch of sends with a handful of statements, whatever its size.
 
         Each send gets its outcome or its refusal, in order: unknown recipient, sender

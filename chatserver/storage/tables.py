@@ -7,7 +7,17 @@ migrations (``alembic check``) and so the schema is readable in one place.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import (
+    BigInteger,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Named constraints, so that migrations (batch mode on SQLite) can refer to them.
@@ -21,6 +31,41 @@ NAMING_CONVENTION = {
 
 # SQLite only makes INTEGER PRIMARY KEY an alias of the rowid; BIGINT elsewhere.
 Id = BigInteger().with_variant(Integer(), "sqlite")
+
+# Name keys compare and sort by code point on every backend (SQLite's BINARY collation): on
+# PostgreSQL a linguistic default collation (en_US.UTF-8) would reorder pages and break the
+# prefix range of searches ("a-*" would miss "a-b"), so the column collates "C" there.
+NameKey = String(32).with_variant(String(32, collation="C"), "postgresql")
+
+
+class _Utf8BytesOnPostgres(TypeDecorator):
+    """A string that may hold U+0000 (the protocol allows it): PostgreSQL's text types
+    cannot, so there it is stored as its UTF-8 bytes (bytea); elsewhere it is the plain type."""
+
+    def load_dialect_impl(self, dialect):
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(LargeBinary())
+        return super().load_dialect_impl(dialect)
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and dialect.name == "postgresql":
+            return value.encode("utf-8")
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is not None and dialect.name == "postgresql":
+            return bytes(value).decode("utf-8")
+        return value
+
+
+class NulSafeText(_Utf8BytesOnPostgres):
+    impl = Text
+    cache_ok = True
+
+
+class NulSafeString(_Utf8BytesOnPostgres):
+    impl = String
+    cache_ok = True
 
 
 class Base(DeclarativeBase):
@@ -37,7 +82,7 @@ class AccountRow(Base):
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(32))
-    name_key: Mapped[str] = mapped_column(String(32), unique=True)
+    name_key: Mapped[str] = mapped_column(NameKey, unique=True)
     password_hash: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[int] = mapped_column(BigInteger)  # ms since the Unix epoch, UTC
     last_login_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -63,7 +108,7 @@ class MessageRow(Base):
     )
     sender_name: Mapped[str] = mapped_column(String(32))
     sent_at: Mapped[int] = mapped_column(BigInteger)
-    body: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(NulSafeText)
 
 
 class SendReceiptRow(Base):
@@ -77,7 +122,7 @@ class SendReceiptRow(Base):
     sender_id: Mapped[int] = mapped_column(
         ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
     )
-    client_msg_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client_msg_id: Mapped[str] = mapped_column(NulSafeString(64), primary_key=True)
     message_id: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[int] = mapped_column(BigInteger, index=True)
 

@@ -13,6 +13,11 @@ branch_labels = None
 depends_on = None
 
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+# PostgreSQL: name keys sort by code point (collation "C") as on SQLite; bodies and client
+# message ids may hold U+0000, which its text types cannot, so they are UTF-8 in bytea.
+NameKey = sa.String(32).with_variant(sa.String(32, collation="C"), "postgresql")
+Body = sa.Text().with_variant(sa.LargeBinary(), "postgresql")
+ClientMsgId = sa.String(64).with_variant(sa.LargeBinary(), "postgresql")
 
 
 def upgrade() -> None:
@@ -20,7 +25,7 @@ def upgrade() -> None:
         "accounts",
         sa.Column("id", Id, primary_key=True, autoincrement=True),
         sa.Column("name", sa.String(32), nullable=False),
-        sa.Column("name_key", sa.String(32), nullable=False),
+        sa.Column("name_key", NameKey, nullable=False),
         sa.Column("password_hash", sa.String(255), nullable=False),
         sa.Column("created_at", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_accounts"),
@@ -34,7 +39,7 @@ def upgrade() -> None:
         sa.Column("sender_id", Id, nullable=True),
         sa.Column("sender_name", sa.String(32), nullable=False),
         sa.Column("sent_at", sa.BigInteger(), nullable=False),
-        sa.Column("body", sa.Text(), nullable=False),
+        sa.Column("body", Body, nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_messages"),
         sa.ForeignKeyConstraint(["recipient_id"], ["accounts.id"], ondelete="CASCADE",
                                 name="fk_messages_recipient_id_accounts"),
@@ -47,7 +52,7 @@ def upgrade() -> None:
     op.create_table(
         "send_receipts",
         sa.Column("sender_id", Id, nullable=False),
-        sa.Column("client_msg_id", sa.String(64), nullable=False),
+        sa.Column("client_msg_id", ClientMsgId, nullable=False),
         sa.Column("message_id", sa.BigInteger(), nullable=False),
         sa.Column("created_at", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("sender_id", "client_msg_id", name="pk_send_receipts"),

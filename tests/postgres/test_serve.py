@@ -1,0 +1,135 @@
+"""`chat serve --db postgresql+psycopg://...` end to end: real server processes, real clients.
+
+One server: two clients chat, the server restarts, what was waiting is still there. Two
+servers on one database (the reason to use PostgreSQL): accounts and messages are shared; a
+live push reaches only sessions of the server that accepted the message, and every other
+session gets it by fetching (docs/POSTGRES.md).
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from chatserver.client import ServerError
+from chatserver.protocol import Notice, Push
+from tests.conftest import chat_command
+
+PASSWORD = "correct horse battery"
+SERVER_ARGS = ["--registrations-per-hour", "0"]
+WAIT = 10.0
+
+
+def migrate(url: str) -> None:
+    done = subprocess.run(chat_command("admin", "migrate", "--db", url),
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_two_clients_chat_and_messages_survive_a_restart(pg_url, pg_server_factory):
+    server = pg_server_factory(pg_url, SERVER_ARGS)  # an empty database is created at head
+    alice, bob = server.client(), server.client()
+    try:
+        assert alice.register("alice", PASSWORD).pending == 0
+        assert bob.register("Bob", PASSWORD).name == "Bob"
+        sent = alice.send("bob", "hello bob", client_msg_id="a-1")
+        assert sent.pushed and not sent.duplicate
+        push = bob.pushes.get(timeout=WAIT)
+        assert isinstance(push, Push)
+        assert (push.message.id, push.message.sender, push.message.body) == (
+            sent.message_id, "alice", "hello bob")
+        assert bob.ack([push.message.id]) == 1
+        reply = bob.send("alice", "hi alice \x00 ☺")
+        assert alice.pushes.get(timeout=WAIT).message.body == "hi alice \x00 ☺"
+        assert alice.ack([reply.message_id]) == 1
+        bob.logout()
+        waiting = [alice.send("Bob", f"while you were away {i}") for i in range(3)]
+        assert not any(s.pushed for s in waiting)
+        # a retry of an earlier send is recognised, also after it was acknowledged
+        again = alice.send("bob", "hello bob", client_msg_id="a-1")
+        assert (again.duplicate, again.message_id) == (True, sent.message_id)
+    finally:
+        alice.close()
+        bob.close()
+    assert server.stop() == 0, server.log
+
+    server = pg_server_factory(pg_url, SERVER_ARGS)
+    bob = server.client()
+    try:
+        assert bob.login("BOB", PASSWORD).pending == 3
+        fetched = bob.fetch()
+        assert [(m.id, m.sender, m.body) for m in fetched.messages] == [
+            (s.message_id, "alice", f"while you were away {i}") for i, s in enumerate(waiting)]
+        assert fetched.remaining == 0
+        assert bob.ack([m.id for m in fetched.messages]) == 3
+        assert bob.fetch().messages == ()
+        page = bob.list_accounts("*")
+        assert [(a.name, a.online) for a in page.accounts] == [("alice", False), ("Bob", True)]
+        later = bob.send("alice", "after the restart")
+        assert later.message_id > max(s.message_id for s in waiting)  # ids never go back
+    finally:
+        bob.close()
+    assert server.stop() == 0, server.log
+
+
+def test_two_servers_share_one_database(new_postgres_database, pg_server_factory):
+    pg_url = new_postgres_database()  # a whole database, as a deployment has it
+    migrate(pg_url)  # one process migrates; servers never do on PostgreSQL
+    server_a = pg_server_factory(pg_url, SERVER_ARGS)
+    server_b = pg_server_factory(pg_url, SERVER_ARGS)
+    alice, bob, carol = server_a.client(), server_b.client(), server_b.client()
+    try:
+        alice.register("alice", PASSWORD)
+        bob.register("bob", PASSWORD)  # registered through B, found through A
+        bob.logout()
+
+        # Through A to a user who is offline; fetched through B at login.
+        first = alice.send("bob", "sent through A")
+        assert not first.pushed
+        assert bob.login("bob", PASSWORD).pending == 1
+        messages = bob.fetch().messages
+        assert [(m.id, m.sender, m.body) for m in messages] == [
+            (first.message_id, "alice", "sent through A")]
+
+        # Through A to a user online on B: stored and fetched, not pushed across servers.
+        second = alice.send("bob", "while bob is on B")
+        assert not second.pushed
+        assert [m.id for m in bob.fetch().messages] == [first.message_id, second.message_id]
+        assert bob.pushes.empty()
+        assert bob.ack([first.message_id, second.message_id]) == 2
+
+        # Within B a live push still works, and names are unique across both servers.
+        carol.register("carol", PASSWORD)
+        third = carol.send("bob", "within B")
+        assert third.pushed
+        assert bob.pushes.get(timeout=WAIT).message.id == third.message_id
+        assert alice.list_accounts("*").accounts[1].name == "bob"
+        other = server_a.client()
+        try:
+            with pytest.raises(ServerError) as taken:
+                other.register("CAROL", PASSWORD)
+            assert taken.value.code == "name_taken"
+        finally:
+            other.close()
+
+        # An account deleted through B is gone for A at once, and its sessions on A end.
+        carol_on_a = server_a.client()
+        try:
+            carol_on_a.login("carol", PASSWORD)
+            assert carol.delete_account(PASSWORD) == 0
+            with pytest.raises(ServerError) as gone:
+                alice.send("carol", "anyone?")
+            assert gone.value.code == "no_such_account"
+            notice = carol_on_a.pushes.get(timeout=WAIT)  # A checks every 2 seconds
+            assert isinstance(notice, Notice) and notice.code == "account_deleted", notice
+            with pytest.raises(ServerError) as anonymous:
+                carol_on_a.fetch()
+            assert anonymous.value.code == "not_logged_in"
+        finally:
+            carol_on_a.close()
+    finally:
+        for client in (alice, bob, carol):
+            client.close()
+    assert server_a.stop() == 0, server_a.log
+    assert server_b.stop() == 0, server_b.log
