@@ -17,14 +17,19 @@ from chatserver.storage.repository import Repository
 T = TypeVar("T")
 
 SYNC_LEVELS = ("full", "normal")
-BUSY_TIMEOUT_MS = 30_000
+BUSY_TIMEOUT_MS = 30_000  # how long a SQLite writer waits for another process's lock
 # Bound parameters are message bodies and password hashes: never put them in an exception
 # text, which could end up in a log.
-_ENGINE_OPTIONS = {"hide_parameters": True}  # how long a SQLite writer waits for another process's lock
+_ENGINE_OPTIONS = {"hide_parameters": True}
 
 
 def database_url(path_or_url: str) -> str:
-    """A SQLAlchemy URL for ``path_or_url``: URLs pass through, anything else is a SQLite file."""
+    """A SQLAlchemy URL for ``path_or_url``: URLs pass through, anything else is a SQLite file.
+
+    A bare ``postgresql://`` means psycopg 3 (SQLAlchemy would otherwise pick psycopg2).
+    """
+    if path_or_url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + path_or_url.split("://", 1)[1]
     if "://" in path_or_url:
         return path_or_url
     return "sqlite+pysqlite:///" + os.path.abspath(path_or_url)
