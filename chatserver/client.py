@@ -74,6 +74,7 @@ class ChatClient:
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._closed = False
+        self._heartbeat = heartbeat
         self.close_reason: str | None = None
         raw = sock or socket.create_connection((host, port), timeout=timeout)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -92,11 +93,6 @@ class ChatClient:
         self._reader.start()
         self.welcome: Welcome = self.request(
             lambda rid: Hello(request_id=rid, version=PROTOCOL_VERSION, client=client_name))
-        # Heartbeat as the server does: after an interval of silence ping the server; after a
-        # second silent interval consider it dead (half-open TCP) and fail pending requests.
-        interval = heartbeat if heartbeat is not None else self.welcome.heartbeat_interval
-        if interval:
-            self._sock.settimeout(interval)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -200,6 +196,12 @@ class ChatClient:
         if isinstance(event, (Push, Notice)):
             self._on_push(event)
             return
+        if isinstance(event, Welcome):
+            # Heartbeat as the server does: after an interval of silence ping the server;
+            # after a second silent interval consider it dead (half-open TCP) and fail what
+            # is pending. Set here, on the reader's own thread, before its next read.
+            interval = self._heartbeat if self._heartbeat is not None else event.heartbeat_interval
+            self._sock.settimeout(interval or None)
         request_id = getattr(event, "request_id", 0)
         with self._lock:
             future = self._pending.pop(request_id, None)

@@ -71,8 +71,8 @@ class ResilientClient:
         self.client.close()
         try:
             client = self._connect()
-        except OSError:
-            return  # the server is still down: the next retry tries again
+        except (OSError, ConnectionLost):  # down, or refusing (server_full, shutting_down)
+            return  # the next retry tries again
         try:
             if self._credentials is not None:
                 client.login(*self._credentials)

@@ -470,6 +470,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._connections: set[ChatConnection] = set()
         self._lock = threading.Lock()
         self._stopped = False
+        self._serving = False
         super().__init__((config.host, config.port), ChatConnection)
 
     @property
@@ -515,6 +516,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def handle_error(self, request, client_address) -> None:
         log.exception("unexpected error serving %s", client_address)
 
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._serving = True
+        super().serve_forever(poll_interval)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, tell every session, close connections. Safe to call twice."""
         with self._lock:
@@ -523,7 +528,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._stopped = True
             connections = list(self._connections)
         deadline = time.monotonic() + timeout
-        self.shutdown()
+        if self._serving:  # shutdown() waits for serve_forever, which may never have run
+            self.shutdown()
         self.server_close()
         for connection in connections:
             connection.begin_shutdown()
