@@ -33,7 +33,7 @@ def test_serve_defaults_to_full():
 @pytest.mark.parametrize("sync", ["full", "normal"])
 def test_every_connection_of_the_server_uses_the_level(tmp_path, sync):
     app = ChatApp(str(tmp_path / "s.db"), ServerConfig(port=0), sync=sync, hash_params=CHEAP)
-    app.start()  # (stop() without start() hangs: see test_shutdown.py)
+    app.start()
     try:
         for engine in (app.db.write_engine, app.db.read_engine):
             with engine.connect() as conn:
