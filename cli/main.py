@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from chatserver_cli.admin import admin
+from chatserver_cli.bench import bench
 from chatserver_cli.client import client
 from chatserver_cli.serve import serve
 
@@ -25,6 +26,7 @@ def cli() -> None:
 cli.add_command(serve)
 cli.add_command(client)
 cli.add_command(admin)
+cli.add_command(bench)
 
 
 def main() -> None:

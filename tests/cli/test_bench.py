@@ -1,0 +1,97 @@
+"""``chat bench`` runs tiny workloads end to end and prints well-formed output.
+
+Benchmarks are not timed tests: nothing here asserts on speed, only on the shape of the
+output and that work was done (positive counts).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+from chatserver_cli.main import cli
+from click.testing import CliRunner
+
+from chatserver.bench.histogram import Histogram
+from chatserver.bench.report import HEADER
+from tests.conftest import chat_command
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(chat_command("bench", "--scale", "0.001", *args), capture_output=True,
+                          text=True, timeout=110, stdin=subprocess.DEVNULL)
+
+
+def test_json_output_has_every_row_and_limit():
+    result = run_bench("--duration", "0.3", "--workload", "sends-1", "--workload", "drain",
+                       "--workload", "search", "--limits", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert {"command", "machine", "options", "limits", "results", "failures"} <= set(doc)
+    assert doc["failures"] == []
+    assert doc["machine"]["nproc"] >= 1 and doc["machine"]["python"]
+    assert doc["options"]["sync"] == "full"
+    names = [r["name"] for r in doc["results"]]
+    assert names == ["sends-1", "queue", "drain", "search-prefix", "search-infix"]
+    for row in doc["results"]:
+        assert row["ops"] > 0, row
+        assert row["throughput_per_s"] > 0, row
+        lat = row["latency_ms"]
+        assert 0 <= lat["p50"] <= lat["p99"] <= lat["max"], row
+        assert row["errors"] == {}, row
+        assert row["server"]["cpu_pct"] is not None and row["server"]["peak_mib"] > 0, row
+    by_name = {r["name"]: r for r in doc["results"]}
+    # 100k queued messages at scale 1: 100 here, all stored, all drained.
+    assert by_name["queue"]["ops"] == 100
+    assert by_name["drain"]["ops"] == 100 and by_name["drain"]["pending_at_login"] == 100
+    assert by_name["search-prefix"]["accounts"] == 1000
+    # --limits: the machine's ceilings, and a ratio for the rows that have one.
+    limit_names = {entry["name"] for entry in doc["limits"]}
+    assert {"sqlite commit (full)", "sqlite commit (normal)", "loopback round trip"} <= limit_names
+    assert all(entry["rate"] > 0 for entry in doc["limits"])
+    assert by_name["sends-1"]["ratio_to_limit"] > 0
+    assert by_name["drain"]["ratio_to_limit"] > 0
+    assert by_name["search-prefix"]["ratio_to_limit"] is None
+
+
+def test_table_has_a_header_and_one_row_per_measurement():
+    result = run_bench("--duration", "0.3", "--workload", "sends-8x32", "--workload", "live",
+                       "--workload", "connections", "--sync", "normal")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["WORKLOAD", "OPS", "OPS/S"]
+    assert re.split(r"\s{2,}", lines[0].strip()) == list(HEADER)
+    rows = {}
+    for line in lines[1:]:
+        if not line.strip():
+            break
+        cells = line.split()
+        rows[cells[0]] = cells
+    assert list(rows) == ["sends-8x32", "live-1000/s", "live-max", "live-max-8", "connections"]
+    for name, cells in rows.items():
+        assert int(cells[1].replace(",", "")) > 0, (name, line)
+    assert "sync=normal" in result.stdout
+    # No status line when stderr is not a terminal.
+    assert "\r" not in result.stderr
+
+
+def test_bad_target_is_a_usage_error():
+    result = CliRunner().invoke(cli, ["bench", "--target", "nowhere"])
+    assert result.exit_code == 2
+    assert "HOST:PORT" in result.output
+
+
+def test_histogram_percentiles_are_close():
+    h = Histogram()
+    for v in range(1, 100_001):
+        h.record(v * 1000)
+    assert abs(h.percentile(50) - 50_000_000) / 50_000_000 < 0.02
+    assert abs(h.percentile(99) - 99_000_000) / 99_000_000 < 0.02
+    assert h.percentile(100) == h.max == 100_000_000
+    merged = Histogram()
+    merged.merge(Histogram.from_dict(json.loads(json.dumps(h.to_dict()))))
+    assert merged.count == h.count and merged.percentile(50) == h.percentile(50)
