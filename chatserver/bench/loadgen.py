@@ -562,7 +562,7 @@ class Worker:
         self._setting_up -= 1
         self._ready += 1
         self.progress.value = self._ready
-        if isinstance(conn.role, Role) and type(conn.role) is Role:
+        if type(conn.role) is Role:
             conn.close()  # set-up only (an account to create): done
 
     def conn_failed(self, conn: BenchConn, reason: str, was_ready: bool) -> None:

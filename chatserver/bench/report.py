@@ -189,8 +189,7 @@ def table(doc: dict) -> str:
     lines.append(f"sync={o['sync']} scale={o['scale']} duration={o['duration']}s "
                  f"load processes={o['processes']}; {m['nproc']} CPUs "
                  f"({m['cpu'] or m['machine']}), {m['memory_gib']} GiB, Python {m['python']}, "
-                 f"SQLite {m.get('sqlite')}, {m['date']}; load average "
-                 f"{m['loadavg_1m_at_start']} at start, {m['loadavg_1m_at_end']} at end")
+                 f"SQLite {m.get('sqlite')}, {m['date']}")
     return "\n".join(lines)
 
 

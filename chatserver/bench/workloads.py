@@ -710,7 +710,3 @@ class Bench:
 def _mib(n: int | None) -> float | None:
     return None if n is None else round(n / 2**20, 1)
 
-
-def peak_rss_self_mib() -> float:
-    """This process's own peak RSS (the benchmark's, not the server's)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
