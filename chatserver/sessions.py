@@ -66,10 +66,6 @@ class Outbox:
             self._cond.notify()
         self._thread.join(timeout)
 
-    @property
-    def failed(self) -> bool:
-        return self._failed
-
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -180,7 +176,3 @@ class SessionRegistry:
     def online_account_ids(self) -> list[int]:
         with self._lock:
             return list(self._by_account)
-
-    def online_count(self) -> int:
-        with self._lock:
-            return len(self._by_account)
