@@ -63,7 +63,7 @@ class ChatApp:
     def start(self) -> None:
         """Serve on background threads."""
         self._threads = [
-            threading.Thread(target=self.server.serve_forever, name="acceptor",
+            threading.Thread(target=self.server.serve_forever, name="io-loop",
                              kwargs={"poll_interval": 0.2}, daemon=True),
             threading.Thread(target=self._watch_accounts, name="account-watcher", daemon=True),
         ]

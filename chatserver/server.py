@@ -1,8 +1,20 @@
-"""The threaded TCP server: bytes <-> codec <-> service, one thread per connection.
+"""The threaded TCP server: bytes <-> codec <-> service.
 
-Each connection has a reader thread (socketserver's handler) that decodes frames and runs
-requests in order, and an ``Outbox`` writer thread for its replies and pushes. Errors are
-contained per connection: a peer's bad bytes end that connection, never the server.
+Threads and what each does:
+
+- the **I/O loop** (``chatserver.eventloop``, one thread): accepts, reads every socket,
+  decodes frames, answers the cheap requests at once (Hello, Ping, Logout) and hands each
+  Send to the writer without waiting for it;
+- the **database writer** (``GroupCommitWriter``, one thread): commits sends in groups; the
+  replies and pushes of a group are written straight to the sockets from that thread;
+- the **workers** (a small pool): requests that block (password hashing for Register, Login
+  and DeleteAccount; reads for Fetch and ListAccounts; Ack, which waits for its commit).
+  While a worker serves one of a connection's requests, that connection's later requests
+  wait, so each connection's requests still take effect in order.
+
+Sockets are non-blocking; a reply is written by whichever thread completes it, straight to
+the socket, and only what the socket does not take waits for the loop (``sessions.Output``).
+Errors are contained per connection: a peer's bad bytes end that connection, never the server.
 """
 
 from __future__ import annotations
@@ -11,11 +23,11 @@ import itertools
 import logging
 import math
 import socket
-import socketserver
 import ssl
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from chatserver import domain, tls
@@ -27,6 +39,7 @@ from chatserver.errors import (
     NotLoggedIn,
     RateLimited,
 )
+from chatserver.eventloop import READ, WRITE, EventLoop
 from chatserver.limits import RateLimiter
 from chatserver.metrics import Metrics
 from chatserver.protocol import (
@@ -64,7 +77,7 @@ from chatserver.protocol import (
     encode_event,
 )
 from chatserver.service import ChatService
-from chatserver.sessions import OUTBOX_MAX_BYTES, Outbox, ReplyQueue, SessionRegistry
+from chatserver.sessions import OUTPUT_MAX_BYTES, Output, ReplyQueue, SessionRegistry
 from chatserver.throttle import FailureThrottle
 
 log = logging.getLogger("chatserver")
@@ -73,9 +86,10 @@ SUPPORTED_VERSIONS = (PROTOCOL_VERSION,)
 TLS_HANDSHAKE_RECORD = 0x16  # the first byte a TLS client sends
 RECV_BYTES = 256 * 1024  # read big chunks: fewer syscalls when requests are pipelined
 MAX_PIPELINED_REQUESTS = 1024  # requests of one connection awaiting their replies
-PIPELINE_STALL_SECONDS = 60.0  # the writer is stuck beyond this: give up on the connection
-# How long a closing connection may take to write what it still has queued.
+# How long a closing connection may take to get its last replies and write what it has queued.
 SHUTDOWN_FLUSH_SECONDS = 2.0
+ACCEPTS_PER_TURN = 256  # new connections taken per loop turn, so reads are not starved
+WORKER_THREADS = 8  # blocking requests (hashing is also bounded by passwords.py)
 # Room left in a Messages frame for its fixed fields, so a fetch reply never exceeds the limit.
 _MESSAGES_FRAME_OVERHEAD = 64
 
@@ -90,7 +104,7 @@ class ServerConfig:
     heartbeat_interval: int = 30  # seconds of silence before a ping; 0 disables heartbeats
     max_message_bytes: int = domain.MAX_MESSAGE_BYTES
     max_frame_size: int = MAX_FRAME_SIZE
-    outbox_max_bytes: int = OUTBOX_MAX_BYTES
+    outbox_max_bytes: int = OUTPUT_MAX_BYTES
     max_queued_per_account: int = domain.MAX_QUEUED_PER_ACCOUNT
     send_rate: float = domain.SEND_RATE
     send_burst: int = domain.SEND_BURST
@@ -104,116 +118,336 @@ def message_event(message: StoredMessage) -> Message:
     return Message(id=message.id, sender=message.sender, sent_at=message.sent_at, body=message.body)
 
 
-class ChatConnection(socketserver.BaseRequestHandler):
-    """One client connection: its codec, its login state, its outbox."""
+class ChatConnection:
+    """One client connection: its codec, login state, pending replies and output.
 
-    server: ChatServer
+    Everything here runs on the I/O loop's thread except where a method says otherwise.
+    """
 
-    def setup(self) -> None:
-        self.sock: socket.socket = self.request
-        self.peer = "%s:%s" % self.client_address[:2]
-        self.codec = Connection(role="server", max_frame_size=self.server.config.max_frame_size)
+    def __init__(self, server: ChatServer, sock: socket.socket, client_address):
+        self.server = server
+        self.loop = server.loop
+        self.sock = sock
+        self.client_address = client_address
+        self.peer = "%s:%s" % client_address[:2]
+        self.codec = Connection(role="server", max_frame_size=server.config.max_frame_size)
         self.account: Account | None = None
-        self.closing = False
-        self.server_stopping = False
+        self.output = Output(sock, max_bytes=server.config.outbox_max_bytes,
+                             on_blocked=self._output_blocked, on_failed=self._output_failed)
+        self.replies = ReplyQueue(self.output.write)
+        self.tls: tls.TlsSession | None = None
+        self.handshaking = server.ssl_context is not None
+        self.admitted = False
+        self.busy = False  # a worker is serving one of its requests
+        self.deferred = None  # a request waiting for the replies before it (Fetch)
+        self.eof = False  # the peer closed its side
+        self.gone = False  # the peer reset the connection or was dropped
+        self.stopping = False  # the server is stopping
+        self.finishing = False  # no more requests: last replies, flush, close
+        self.closed = False
+        self.notice_sent = False
+        self._received_before_stop = False
+        self._mask = 0
+        self._want_read = True
+        self._want_write = False
+        self._finish_timer = None
+        now = time.monotonic()
+        self.opened_at = now
+        self.last_heard = now
+        self.pinged_at: float | None = None
         self._ping_nonce = itertools.count(1)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.refused = False
-        if self.server.ssl_context is not None:
-            self.refused = not self._start_tls()
-        self.sock.settimeout(self.server.config.heartbeat_interval or None)
-        self.outbox = Outbox(self.sock, name=self.peer,
-                             max_bytes=self.server.config.outbox_max_bytes)
-        self.replies = ReplyQueue(self.outbox)
-        self.server.metrics.connections.inc()
-        self.server.metrics.connections_total.inc()
-        log.info("connect %s", self.peer)
 
-    def _start_tls(self) -> bool:
-        """Handshake on this handler's thread (a slow peer must not hold up accepting)."""
+    # -- readiness ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if not self.handshaking:
+            self._admit()
+        self._update_interest()
+
+    def on_ready(self, mask: int) -> None:
+        if mask & WRITE:
+            self._on_writable()
+        if mask & READ and not self.closed:
+            self._on_readable()
+
+    def _update_interest(self) -> None:
+        if self.closed:
+            return
+        mask = (READ if self._want_read else 0) | (WRITE if self._want_write else 0)
+        if mask == self._mask:
+            return
+        if self._mask == 0:
+            self.loop.register(self.sock, mask, self.on_ready)
+        elif mask == 0:
+            self.loop.unregister(self.sock)
+        else:
+            self.loop.modify(self.sock, mask, self.on_ready)
+        self._mask = mask
+
+    def _on_readable(self) -> None:
+        if self.busy or not self._want_read:  # the codec is a worker's now, or we wait
+            return
         try:
-            self.sock.settimeout(tls.HANDSHAKE_TIMEOUT)
-            first = self.sock.recv(1, socket.MSG_PEEK)
-            if first and first[0] != TLS_HANDSHAKE_RECORD:
+            data = self.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # reset by the peer
+            if self.handshaking:
+                self.close()
+            else:
+                self._peer_gone()
+            return
+        if self.handshaking:
+            self._handshake(data)
+            return
+        self._received(data)
+        self.pump()
+
+    def _received(self, data: bytes) -> None:
+        """Feed what the socket gave (b"" is end of stream) to the codec."""
+        if self.tls is not None and data:
+            try:
+                data, records, tls_closed = self.tls.decrypt(data)
+            except ssl.SSLError as exc:
+                log.info("TLS error from %s: %s", self.peer, exc)
+                self.close()
+                return
+            if records:
+                self.output.write(records, raw=True)
+            if tls_closed:
+                if data:
+                    self.codec.receive_data(data)
+                data = b""
+        self.last_heard = time.monotonic()
+        self.pinged_at = None
+        if not data:
+            self.eof = True
+            self._want_read = False
+        self.codec.receive_data(data)
+
+    def _on_writable(self) -> None:
+        if self.output.flush():
+            self._want_write = False
+            self._update_interest()
+            if self.finishing:
+                self._finish_step()
+
+    def _output_blocked(self) -> None:
+        """(Any thread.) The socket is full: let the loop wait until it is writable."""
+        self.loop.call_soon(self._wait_writable)
+
+    def _wait_writable(self) -> None:
+        if not self.closed and self.output.pending:
+            self._want_write = True
+            self._update_interest()
+
+    def _output_failed(self) -> None:
+        """(Any thread.) The peer is gone or too slow: end the connection."""
+        self.loop.call_soon(self._peer_gone)
+
+    def _peer_gone(self) -> None:
+        """Nothing more can be read or written; requests already received still take
+        effect (a send the peer wrote just before vanishing is stored), then we close."""
+        if self.closed:
+            return
+        self.gone = True
+        self._want_read = False
+        if self.handshaking:
+            self.close()
+        elif not self.busy:  # else the worker's hand-back comes to pump
+            self.pump()
+
+    # -- TLS handshake ------------------------------------------------------------------
+
+    def _handshake(self, data: bytes) -> None:
+        if not data:
+            log.info("TLS handshake with %s failed: the peer closed the connection", self.peer)
+            self.close()
+            return
+        if self.tls is None:
+            if data[0] != TLS_HANDSHAKE_RECORD:
                 # A plaintext client: tell it in its own language instead of hanging up.
                 log.info("plaintext client on the TLS port from %s", self.peer)
-                self.sock.sendall(encode_event(Error(
+                self.output.write(encode_event(Error(
                     request_id=0, code="tls_required", text="this server requires TLS")))
-                return False
-            secure = tls.TlsSocket(self.sock, self.server.ssl_context, server_side=True)
-            secure.handshake()
-        except (OSError, ssl.SSLError) as exc:
+                self.handshaking = False
+                self.finish()
+                return
+            self.tls = tls.TlsSession(self.server.ssl_context, server_side=True)
+        try:
+            done, records = self.tls.handshake(data)
+        except ssl.SSLError as exc:
+            # Send the alert OpenSSL prepared (e.g. protocol_version), so the peer learns why.
+            self.output.write(self.tls.take_outgoing(), raw=True)
             log.info("TLS handshake with %s failed: %s", self.peer, exc)
-            return False
-        self.sock = secure
-        return True
-
-    # -- the read loop ----------------------------------------------------------------------
-
-    def handle(self) -> None:
-        if self.refused:
+            self.handshaking = False
+            self.finish()
             return
-        refusal = self.server.admit(self)
-        if refusal is not None:
-            self.reply_error(0, *refusal)
+        if records:
+            self.output.write(records, raw=True)
+        if done:
+            self.handshaking = False
+            self.output.encrypt = self.tls.encrypt
+            self._admit()
+            if not self.finishing:
+                self._received_after_handshake()
+
+    def _received_after_handshake(self) -> None:
+        """Application data that came in the same reads as the end of the handshake."""
+        try:
+            data, records, tls_closed = self.tls.decrypt(b"")
+        except ssl.SSLError:
+            self.close()
             return
-        unanswered_pings = 0
-        while not self.closing:
-            try:
-                data = self.sock.recv(RECV_BYTES)
-            except TimeoutError:
-                # Silence for a heartbeat interval: ping; a second silent interval means the
-                # peer is gone (half-open TCP) and the connection is closed.
-                if unanswered_pings:
-                    log.info("no heartbeat from %s, closing", self.peer)
-                    return
-                unanswered_pings += 1
-                self.outbox.put(self.codec.send(Ping(nonce=next(self._ping_nonce) & 0xFFFFFFFF)))
-                continue
-            except OSError:
-                return
-            unanswered_pings = 0
+        if records:
+            self.output.write(records, raw=True)
+        if data:
             self.codec.receive_data(data)
-            if not self.process_events():
-                return
-            if not data:
-                return
+        if tls_closed:
+            self.eof = True
+            self._want_read = False
+            self.codec.receive_data(b"")
+        self.pump()
 
-    def process_events(self) -> bool:
-        """Handle every complete frame received; False when the connection must end."""
-        while not self.closing:
-            try:
-                event = self.codec.next_event()
-            except RemoteProtocolError as exc:
-                if self.server_stopping:  # our own SHUT_RD cut its frame short: not its fault
-                    return False
-                log.info("protocol error from %s: %s", self.peer, exc)
-                self.reply_error(0, "protocol_error", str(exc))
-                return False
-            if event is NEED_DATA:
-                return True
-            if event is CLOSED:
-                return False
-            # Back-pressure: a client may have this many requests awaiting replies; beyond
-            # that we stop reading until the writer catches up.
-            if not self.replies.wait_below(MAX_PIPELINED_REQUESTS, timeout=PIPELINE_STALL_SECONDS):
-                log.warning("requests of %s stalled; closing", self.peer)
-                return False
+    def _admit(self) -> None:
+        refusal = self.server.admit(self)
+        if refusal is None:
+            self.admitted = True
+        else:
+            self.reply_error(0, *refusal)
+            self.finish()
+
+    # -- requests -----------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Take the requests received so far, in order, as far as they can go now."""
+        if self.closed:
+            return
+        if self.finishing:
+            self._finish_step()
+            return
+        if self.stopping and not self._received_before_stop and not self.gone:
+            self._read_before_stop()
+            if self.closed:
+                return
+        while True:
+            if self.busy:
+                self._want_read = False
+                break
+            event = self.deferred
+            if event is None:
+                if self.replies.outstanding >= MAX_PIPELINED_REQUESTS and \
+                        self.replies.call_when_below(MAX_PIPELINED_REQUESTS, self._resume):
+                    # Back-pressure: that many replies are owed; stop reading until fewer.
+                    self._want_read = False
+                    break
+                try:
+                    event = self.codec.next_event()
+                except RemoteProtocolError as exc:
+                    if not self.stopping:
+                        log.info("protocol error from %s: %s", self.peer, exc)
+                        self.reply_error(0, "protocol_error", str(exc))
+                    self.finish()
+                    return
+                if event is NEED_DATA:
+                    if self.stopping or self.gone:  # what was received is answered; no more
+                        self.finish()
+                        return
+                    self._want_read = not (self.eof or self.gone)
+                    break
+                if event is CLOSED:
+                    self.finish()
+                    return
+            if type(event) is Fetch and self.replies.call_when_below(1, self._resume):
+                # A fetch sees the sends this connection made before it (still committing).
+                self.deferred = event
+                self._want_read = False
+                break
+            self.deferred = None
             self.dispatch(event)
-        return False
+            if self.finishing or self.closed:
+                return
+        self._update_interest()
+
+    def _resume(self) -> None:
+        """(Any thread.) What the connection waited for happened: go on, on the loop."""
+        self.loop.call_soon(self.pump)
 
     def dispatch(self, event) -> None:
-        if isinstance(event, Ping):
+        kind = type(event)
+        if kind is Send:
+            self._dispatch_inline(event)
+        elif kind is Ping:
             self.send(Pong(nonce=event.nonce))  # in order with the replies, like one
-            return
-        if isinstance(event, Pong):
-            return
+        elif kind is Pong:
+            pass
+        elif kind in _BLOCKING:
+            if self._refused(event):
+                return
+            self.busy = True
+            self._want_read = False
+            try:
+                self.server.workers.submit(self._serve_blocking, event)
+            except RuntimeError:  # the pool is shut down: the server is stopping
+                self.busy = False
+                self.reply_error(event.request_id, "shutting_down", "the server is stopping")
+        else:
+            self._dispatch_inline(event)
+
+    def _refused(self, event) -> bool:
+        """Reply with the error if the request is not allowed in the login state."""
+        kind = type(event)
+        if kind in _LOGIN_REQUIRED and self.account is None:
+            refusal: ChatError = NotLoggedIn("log in first")
+        elif kind in _ANONYMOUS_ONLY and self.account is not None:
+            refusal = AlreadyLoggedIn(f"already logged in as {self.account.name}; log out first")
+        else:
+            return False
+        self.reply_error(event.request_id, refusal.code, refusal.message)
+        return True
+
+    def _dispatch_inline(self, event) -> None:
+        if not self._refused(event):
+            self._answer(event)
+
+    def _serve_blocking(self, event) -> None:
+        """(A worker thread.) Serve a blocking request, and the blocking requests pipelined
+        right after it, then hand the connection back to the loop.
+
+        While ``busy`` the worker owns the codec (the loop does not read), so taking the
+        next requests here saves two thread hand-offs per request (a drain's Ack + Fetch).
+        """
+        try:
+            while event is not None:
+                self._answer(event)
+                event = self._next_blocking()
+        finally:
+            self.loop.call_soon(self._blocking_done)
+
+    def _next_blocking(self):
+        """(A worker thread.) The next request if it is one for a worker too; anything
+        else is left for the loop (in ``deferred``, or in the codec)."""
+        while not (self.closed or self.finishing or self.stopping):
+            try:
+                event = self.codec.next_event()
+            except RemoteProtocolError:  # raised again to the loop, which reports it
+                return None
+            if event is NEED_DATA or event is CLOSED:  # both are returned again
+                return None
+            if type(event) not in _BLOCKING or type(event) is Fetch and self.replies.outstanding:
+                self.deferred = event
+                return None
+            if not self._refused(event):
+                return event
+        return None
+
+    def _blocking_done(self) -> None:
+        self.busy = False
+        self.pump()
+
+    def _answer(self, event) -> None:
         handler = _REQUEST_HANDLERS[type(event)]
         try:
-            if type(event) in _LOGIN_REQUIRED and self.account is None:
-                raise NotLoggedIn("log in first")
-            if type(event) in _ANONYMOUS_ONLY and self.account is not None:
-                raise AlreadyLoggedIn(f"already logged in as {self.account.name}; log out first")
             reply = handler(self, event)
         except ChatError as exc:
             reply = Error(request_id=event.request_id, code=exc.code, text=exc.message,
@@ -237,7 +471,7 @@ class ChatConnection(socketserver.BaseRequestHandler):
             self.reply_error(event.request_id, "unsupported_version",
                              f"protocol version {event.version} is not supported; "
                              f"this server speaks {', '.join(map(str, SUPPORTED_VERSIONS))}")
-            self.closing = True
+            self.finish()
             return None
         config = self.server.config
         return Welcome(request_id=event.request_id, version=PROTOCOL_VERSION,
@@ -295,7 +529,10 @@ class ChatConnection(socketserver.BaseRequestHandler):
         return AccountList(request_id=event.request_id, accounts=entries, next_after=next_after)
 
     def on_send(self, event: Send):
-        """Queue the send for the writer and go on reading; the reply follows its commit."""
+        """Queue the send for the writer and go on reading; the reply follows its commit.
+
+        The only request that does not wait for its outcome: many of a connection's sends
+        can be in one commit."""
         try:
             future = self.server.service.submit_send(self.account, event.to, event.body,
                                                      event.client_msg_id)
@@ -304,10 +541,9 @@ class ChatConnection(socketserver.BaseRequestHandler):
             raise
         slot = self.replies.reserve()
         future.add_done_callback(lambda done: self._send_done(event.request_id, slot, done))
-        return None
 
     def _send_done(self, request_id: int, slot: list, future) -> None:
-        """After the commit (on the writer's thread): push to the recipient, then reply."""
+        """(The writer's thread, after the commit.) Push to the recipient, then reply."""
         metrics = self.server.metrics
         try:
             outcome = future.result()
@@ -333,8 +569,7 @@ class ChatConnection(socketserver.BaseRequestHandler):
         self.replies.fill(slot, encode_event(reply))
 
     def on_fetch(self, event: Fetch):
-        # A fetch sees the sends this connection made before it (they may still be committing).
-        self.replies.wait_below(1, timeout=PIPELINE_STALL_SECONDS)
+        # (A worker thread, once this connection's earlier sends have their replies: ``pump``.)
         found, remaining = self.server.service.fetch(self.account, event.limit)
         budget = self.server.config.max_frame_size - _MESSAGES_FRAME_OVERHEAD
         messages = []
@@ -374,57 +609,111 @@ class ChatConnection(socketserver.BaseRequestHandler):
             session.account_deleted(notice)
         return AccountDeleted(request_id=event.request_id, discarded=discarded)
 
-    # -- session state (called from other connections' threads too) ------------------------
+    # -- session state (called from other threads too) ---------------------------------
 
     def log_in(self, account: Account) -> None:
         self.account = account
         self.server.registry.attach(account.id, self)
 
     def log_out(self) -> None:
-        if self.account is not None:
-            self.server.registry.detach(self.account.id, self)
+        account = self.account
+        if account is not None:
+            self.server.registry.detach(account.id, self)
             self.account = None
 
     def push_frame(self, frame: bytes) -> bool:
-        return self.outbox.put(frame)
+        """(Any thread.) A push to this session: written now, or queued behind earlier output."""
+        return self.output.write(frame)
 
     def account_deleted(self, frame: bytes) -> None:
-        """Another connection deleted our account: tell the peer; we are anonymous now."""
+        """(Any thread.) Another connection deleted our account: tell the peer; we are
+        anonymous now."""
         self.log_out()
-        self.outbox.put(frame)
+        self.output.write(frame)
 
-    def begin_shutdown(self) -> None:
-        """Stop reading: requests already received are still answered, then the session is
-        told the server is stopping and the connection closes (see ``finish``)."""
-        self.server_stopping = True
-        try:
-            self.sock.shutdown(socket.SHUT_RD)  # wakes the blocked recv with end-of-file
-        except OSError:
-            pass
-
-    # -- output -----------------------------------------------------------------------------
+    # -- output -------------------------------------------------------------------------
 
     def send(self, event) -> None:
-        """A reply, in request order (after the replies still being completed)."""
+        """(Any thread.) A reply, in request order (after the replies still being completed)."""
         self.replies.reply(self.codec.send(event))
 
     def reply_error(self, request_id: int, code: str, text: str) -> None:
         self.send(Error(request_id=request_id, code=code, text=text))
 
-    def finish(self) -> None:
-        if self.refused:
-            self.outbox.close(timeout=0)
-            self.server.metrics.connections.dec()
-            log.info("disconnect %s", self.peer)
+    def ping(self) -> None:
+        self.pinged_at = time.monotonic()
+        self.output.write(self.codec.send(Ping(nonce=next(self._ping_nonce) & 0xFFFFFFFF)))
+
+    # -- the end ------------------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        """The server is stopping: answer what was already received, tell the session, close."""
+        if self.closed or self.stopping:
             return
+        self.stopping = True
+        if self.handshaking:
+            self.close()
+            return
+        if not self.busy:  # else the worker's hand-back comes to pump
+            self.pump()
+
+    def _read_before_stop(self) -> None:
+        """Requests already in the socket's receive buffer count as received."""
+        self._received_before_stop = True
+        while not self.eof and not self.finishing and not self.closed:
+            try:
+                data = self.sock.recv(RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.close()
+                return
+            self._received(data)
+        self._want_read = False
+
+    def finish(self) -> None:
+        """No more requests: wait for the replies owed, write what is queued, then close
+        (at most 2 x SHUTDOWN_FLUSH_SECONDS, for a peer that does not read)."""
+        if self.finishing or self.closed:
+            return
+        self.finishing = True
+        self._want_read = False
+        self._update_interest()
+        self._finish_timer = self.loop.call_later(2 * SHUTDOWN_FLUSH_SECONDS, self.close)
+        self._finish_step()
+
+    def _finish_step(self) -> None:
+        if self.closed or self.busy:  # a worker's request: _blocking_done comes back here
+            return
+        if self.replies.call_when_below(1, self._resume):
+            return
+        if self.stopping and self.admitted and not self.notice_sent:
+            self.notice_sent = True
+            self.output.write(encode_event(Notice(code="shutting_down",
+                                                  text="the server is stopping")))
+        if self.output.pending:
+            self._want_write = True
+            self._update_interest()
+            return
+        self.close()
+
+    def close(self) -> None:
+        """Close now (idempotent); the session ends and the server forgets the connection."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._finish_timer is not None:
+            self._finish_timer.cancel()
+        if self._mask:
+            self.loop.unregister(self.sock)
+            self._mask = 0
         self.log_out()
-        self.replies.wait_below(1, timeout=SHUTDOWN_FLUSH_SECONDS)  # sends being committed
-        if self.server_stopping:
-            self.outbox.put(encode_event(Notice(code="shutting_down",
-                                                text="the server is stopping")))
-        self.outbox.close(timeout=SHUTDOWN_FLUSH_SECONDS)
+        self.output.close()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
         self.server.release(self)
-        self.server.metrics.connections.dec()
         log.info("disconnect %s", self.peer)
 
 
@@ -441,15 +730,12 @@ _REQUEST_HANDLERS = {
 }
 _LOGIN_REQUIRED = {Logout, Send, Fetch, Ack, DeleteAccount}
 _ANONYMOUS_ONLY = {Register, Login}
+# Served by a worker thread: they hash passwords, read the database or wait for a commit.
+_BLOCKING = {Register, Login, ListAccounts, Fetch, Ack, DeleteAccount}
 
 
-class ChatServer(socketserver.ThreadingTCPServer):
-    """The chat server: accepts connections and serves each on its own thread."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-    block_on_close = False
-    request_queue_size = 1024
+class ChatServer:
+    """The chat server: a listening socket and its connections, served by an I/O loop."""
 
     def __init__(self, config: ServerConfig, service: ChatService, metrics: Metrics | None = None,
                  *, ssl_context: ssl.SSLContext | None = None,
@@ -467,37 +753,58 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.register_limiter = RateLimiter(config.registrations_per_hour / 3600.0,
                                             max(1, config.registrations_per_hour), clock=clock)
         self.registry = SessionRegistry()
-        self._connections: set[ChatConnection] = set()
+        self.loop = EventLoop()
+        self.workers = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="worker")
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((config.host, config.port))
+            self.socket.listen(4096)  # a burst of connections waits here, not refused
+            self.socket.setblocking(False)
+        except BaseException:
+            self.socket.close()
+            raise
+        self._connections: set[ChatConnection] = set()  # every open one, admitted or not
+        self._admitted: set[ChatConnection] = set()
         self._lock = threading.Lock()
         self._stopped = False
         self._serving = False
-        super().__init__((config.host, config.port), ChatConnection)
+        self._loop_done = threading.Event()
+        self._drained = threading.Event()
 
     @property
     def address(self) -> tuple[str, int]:
-        return self.server_address[:2]
+        return self.socket.getsockname()[:2]
+
+    # -- bookkeeping (any thread) --------------------------------------------------------
 
     def admit(self, connection: ChatConnection) -> tuple[str, str] | None:
         """Count the connection in, or return the (code, text) of the refusal."""
         with self._lock:
             if self._stopped:
                 return "shutting_down", "the server is stopping"
-            if len(self._connections) >= self.config.max_connections:
+            if len(self._admitted) >= self.config.max_connections:
                 return "server_full", "the server is at its connection limit"
-            self._connections.add(connection)
+            self._admitted.add(connection)
             return None
 
     def release(self, connection: ChatConnection) -> None:
         with self._lock:
+            self._admitted.discard(connection)
             self._connections.discard(connection)
+            remaining = len(self._connections)
+        self.metrics.connections.dec()
+        if self._stopped and not remaining:
+            self._drained.set()
 
     def open_connections(self) -> list[ChatConnection]:
         with self._lock:
-            return list(self._connections)
+            return list(self._admitted)
 
     def connection_count(self) -> int:
         with self._lock:
-            return len(self._connections)
+            return len(self._admitted)
 
     def end_sessions_of_deleted_accounts(self) -> int:
         """Log out sessions whose account no longer exists (deleted by ``chat admin`` or by
@@ -513,32 +820,115 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 session.account_deleted(notice)
         return len(gone)
 
-    def handle_error(self, request, client_address) -> None:
-        log.exception("unexpected error serving %s", client_address)
+    # -- the loop -----------------------------------------------------------------------
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
-        self._serving = True
-        super().serve_forever(poll_interval)
+        """Run the I/O loop on this thread until ``stop()``. (``poll_interval`` is unused:
+        kept for callers written for socketserver.)"""
+        with self._lock:
+            if self._stopped:
+                return
+            self._serving = True
+        self.loop.register(self.socket, READ, self._on_acceptable)
+        self.loop.call_soon(self._tick)
+        try:
+            self.loop.run()
+        finally:
+            self._close_everything()
+            self._loop_done.set()
+
+    def _on_acceptable(self, _mask: int) -> None:
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of file descriptors, most likely: pause accepting
+                log.warning("cannot accept connections: %s", exc)
+                self.loop.unregister(self.socket)
+                self.loop.call_later(0.1, self._resume_accepting)
+                return
+            self._open(sock, address)
+
+    def _resume_accepting(self) -> None:
+        if not self._stopped:
+            self.loop.register(self.socket, READ, self._on_acceptable)
+
+    def _open(self, sock: socket.socket, address) -> None:
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # gone already
+            sock.close()
+            return
+        connection = ChatConnection(self, sock, address)
+        with self._lock:
+            self._connections.add(connection)
+        self.metrics.connections.inc()
+        self.metrics.connections_total.inc()
+        log.info("connect %s", connection.peer)
+        connection.start()
+
+    def _tick(self) -> None:
+        """Heartbeats and handshake deadlines, a few times per heartbeat interval."""
+        interval = self.config.heartbeat_interval
+        now = time.monotonic()
+        for connection in list(self._connections):
+            if connection.closed or connection.finishing:
+                continue
+            if connection.handshaking:
+                if now - connection.opened_at > tls.HANDSHAKE_TIMEOUT:
+                    log.info("TLS handshake with %s failed: timed out", connection.peer)
+                    connection.close()
+                continue
+            if not interval or connection.busy or connection.replies.outstanding:
+                continue  # the peer waits for us: its silence is no sign of trouble
+            if connection.pinged_at is not None:
+                if now - connection.pinged_at >= interval:
+                    log.info("no heartbeat from %s, closing", connection.peer)
+                    connection.close()
+            elif now - connection.last_heard >= interval:
+                # Silence for a heartbeat interval: ping; a second silent interval means the
+                # peer is gone (half-open TCP) and the connection is closed.
+                connection.ping()
+        period = min(1.0, interval / 4) if interval else 1.0
+        self.loop.call_later(max(0.05, period), self._tick)
+
+    # -- stopping -----------------------------------------------------------------------
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop accepting, tell every session, close connections. Safe to call twice."""
+        """Stop accepting, answer what was received, tell every session, close connections.
+        Safe to call twice, from any thread."""
         with self._lock:
             if self._stopped:
                 return
             self._stopped = True
-            connections = list(self._connections)
+            serving = self._serving
+            if not self._connections:
+                self._drained.set()
+        if not serving:
+            self.socket.close()
+            self.workers.shutdown(wait=False)
+            return
         deadline = time.monotonic() + timeout
-        if self._serving:  # shutdown() waits for serve_forever, which may never have run
-            self.shutdown()
-        self.server_close()
-        for connection in connections:
-            connection.begin_shutdown()
+        self.loop.call_soon(self._begin_stop)
         # Each connection finishes its received requests, sends the notice and flushes its
-        # outbox; a peer that does not read is cut off after SHUTDOWN_FLUSH_SECONDS.
-        while self.connection_count() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        for connection in self.open_connections():
-            try:
-                connection.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        # output; a peer that does not read is cut off after 2 x SHUTDOWN_FLUSH_SECONDS.
+        self._drained.wait(max(0.0, deadline - time.monotonic()))
+        self.loop.stop()
+        self._loop_done.wait(max(0.1, deadline - time.monotonic()))
+        self.workers.shutdown(wait=False)
+
+    def _begin_stop(self) -> None:
+        self.loop.unregister(self.socket)
+        self.socket.close()
+        for connection in list(self._connections):
+            connection.begin_shutdown()
+
+    def _close_everything(self) -> None:
+        for connection in list(self._connections):
+            connection.close()
+        try:
+            self.socket.close()
+        except OSError:
+            pass

@@ -1,9 +1,11 @@
-"""Who is online where, and the bounded outbound queue of each connection.
+"""Who is online where, and the output side of each connection.
 
-A peer that stops reading must never block anyone else: frames for a connection go into its
-``Outbox`` and only that connection's writer thread blocks on its socket. When an outbox holds
-more than its limit, the connection is dropped instead of buffering without bound; messages
-pushed to it are still undelivered in the database and will be offered again.
+A peer that stops reading must never block anyone else: every socket is non-blocking, and a
+frame for a connection is written at once by whichever thread produced it (the writer that
+committed a send, a worker that answered a login) when the socket takes it, or else kept in
+that connection's ``Output`` until the I/O loop finds the socket writable again. When an
+output holds more than its limit the connection is dropped instead of buffering without
+bound; messages pushed to it are still undelivered in the database and will be offered again.
 """
 
 from __future__ import annotations
@@ -17,125 +19,184 @@ from typing import Protocol
 
 log = logging.getLogger(__name__)
 
-OUTBOX_MAX_BYTES = 4 * 1024 * 1024  # per connection; beyond this the peer is too slow
-WRITE_BATCH_BYTES = 256 * 1024  # frames joined into one sendall, to save syscalls
+OUTPUT_MAX_BYTES = 4 * 1024 * 1024  # per connection; beyond this the peer is too slow
+WRITE_BATCH_BYTES = 256 * 1024  # queued frames joined into one send, to save syscalls
 
 
-class Outbox:
-    """Frames waiting to be written to one socket, and the thread that writes them."""
+class Output:
+    """Bytes on their way to one non-blocking socket. Thread-safe.
 
-    def __init__(self, sock: socket.socket, *, name: str, max_bytes: int = OUTBOX_MAX_BYTES,
-                 on_overflow: Callable[[], None] | None = None):
+    ``write`` sends at once if nothing is queued before it; what the socket does not take
+    is queued and ``on_blocked`` asks the I/O loop to call ``flush`` when it is writable.
+    ``on_failed`` is called (once) when the connection must end: the peer is gone, or it
+    let more than ``max_bytes`` pile up.
+    """
+
+    def __init__(self, sock: socket.socket, *, max_bytes: int = OUTPUT_MAX_BYTES,
+                 on_blocked: Callable[[], None], on_failed: Callable[[], None]):
         self._sock = sock
         self._max_bytes = max_bytes
-        self._on_overflow = on_overflow
-        self._frames: deque[bytes] = deque()
-        self._queued_bytes = 0
-        self._cond = threading.Condition()
-        self._closing = False
+        self._on_blocked = on_blocked
+        self._on_failed = on_failed
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._lock = threading.Lock()
         self._failed = False
-        self._thread = threading.Thread(target=self._run, name=f"out-{name}", daemon=True)
-        self._thread.start()
+        self._closed = False
+        # Set once TLS is up; applied under the lock so records go out in the order made.
+        self.encrypt: Callable[[bytes], bytes] | None = None
 
-    def put(self, frame: bytes) -> bool:
-        """Queue a frame; False if the connection is closed or now dropped for being slow."""
-        overflow = False
-        with self._cond:
-            if self._closing or self._failed:
+    @property
+    def pending(self) -> int:
+        """Bytes queued, not yet taken by the socket."""
+        return self._queued
+
+    def write(self, data: bytes, *, raw: bool = False) -> bool:
+        """Send or queue ``data``; False if the connection is over (or now dropped).
+
+        ``raw`` skips encryption (TLS handshake records and alerts).
+        """
+        blocked = failed = False
+        with self._lock:
+            if self._failed or self._closed:
                 return False
-            if self._queued_bytes + len(frame) > self._max_bytes:
-                self._failed = overflow = True
-                self._frames.clear()
+            if self.encrypt is not None and not raw:
+                data = self.encrypt(data)
+                if not data:
+                    return True
+            if self._queue:
+                if self._queued + len(data) > self._max_bytes:
+                    log.warning("dropping a connection that does not read (%d bytes queued)",
+                                self._queued)
+                    failed = self._fail()
+                else:
+                    self._queue.append(data)
+                    self._queued += len(data)
             else:
-                self._frames.append(frame)
-                self._queued_bytes += len(frame)
-                self._cond.notify()
-        if overflow:
-            log.warning("dropping a connection that does not read (%d bytes queued)",
-                        self._queued_bytes)
-            _shutdown(self._sock)
-            if self._on_overflow:
-                self._on_overflow()
+                try:
+                    sent = self._sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:  # the peer is gone
+                    sent = -1
+                    failed = self._fail()
+                if 0 <= sent < len(data):
+                    rest = data[sent:]
+                    self._queue.append(rest)
+                    self._queued += len(rest)
+                    blocked = True
+        if failed:
+            self._on_failed()
             return False
+        if blocked:
+            self._on_blocked()
         return True
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued (for up to ``timeout`` seconds), then stop the writer."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._frames and not self._closing and not self._failed:
-                    self._cond.wait()
-                if self._failed or not self._frames:
-                    return
+    def flush(self) -> bool:
+        """Send what is queued, as far as the socket takes it; True once nothing is left."""
+        failed = False
+        with self._lock:
+            while self._queue and not self._failed and not self._closed:
                 batch, size = [], 0
-                while self._frames and size < WRITE_BATCH_BYTES:
-                    frame = self._frames.popleft()
-                    batch.append(frame)
-                    size += len(frame)
-                self._queued_bytes -= size
-            try:
-                self._sock.sendall(b"".join(batch) if len(batch) > 1 else batch[0])
-            except OSError:  # peer gone or too slow (send timeout): this connection is over
-                with self._cond:
-                    self._failed = True
-                    self._frames.clear()
-                _shutdown(self._sock)
-                return
+                while self._queue and size < WRITE_BATCH_BYTES:
+                    chunk = self._queue.popleft()
+                    batch.append(chunk)
+                    size += len(chunk)
+                data = b"".join(batch) if len(batch) > 1 else batch[0]
+                try:
+                    sent = self._sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    failed = self._fail()
+                    break
+                self._queued -= sent
+                if sent < len(data):
+                    self._queue.appendleft(data[sent:])
+                    break
+            done = not self._queue
+        if failed:
+            self._on_failed()
+        return done
+
+    def close(self) -> None:
+        """No more writes; the owner closes the socket after this."""
+        with self._lock:
+            self._closed = True
+            self._queue.clear()
+            self._queued = 0
+
+    def _fail(self) -> bool:
+        """Give up on the connection (call with the lock held); True the first time."""
+        if self._failed:
+            return False
+        self._failed = True
+        self._queue.clear()
+        self._queued = 0
+        try:  # unblocks the peer and ends our reads; the owner closes the socket
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return True
 
 
 class ReplyQueue:
     """A connection's replies, in the order of its requests, though some complete later.
 
     A send is answered when its commit is done, on the writer's thread, while the
-    connection's reader goes on with the next requests; a reply waits here until every
-    earlier request has its reply, then all that are ready go to the outbox in order.
+    connection's next requests go on being read; a reply waits here until every earlier
+    request has its reply, then all that are ready are written in order, in one write.
     """
 
-    def __init__(self, outbox: Outbox):
-        self._outbox = outbox
+    def __init__(self, write: Callable[[bytes], bool]):
+        self._write = write
         self._slots: deque[list] = deque()
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._waiter: tuple[int, Callable[[], None]] | None = None
+
+    @property
+    def outstanding(self) -> int:
+        """Requests whose replies are reserved and not yet written."""
+        return len(self._slots)
 
     def reply(self, frame: bytes) -> None:
         """A reply that is ready now."""
-        with self._cond:
+        with self._lock:
             if not self._slots:
-                self._outbox.put(frame)
+                self._write(frame)
             else:
                 self._slots.append([frame])
 
     def reserve(self) -> list:
         """A place for a reply that will come later (``fill`` it)."""
         slot: list = [None]
-        with self._cond:
+        with self._lock:
             self._slots.append(slot)
         return slot
 
     def fill(self, slot: list, frame: bytes) -> None:
-        with self._cond:
+        waiter = None
+        with self._lock:
             slot[0] = frame
-            while self._slots and self._slots[0][0] is not None:
-                self._outbox.put(self._slots.popleft()[0])
-            self._cond.notify_all()
+            slots = self._slots
+            if slots and slots[0][0] is not None:
+                ready = [slots.popleft()[0]]
+                while slots and slots[0][0] is not None:
+                    ready.append(slots.popleft()[0])
+                self._write(b"".join(ready) if len(ready) > 1 else ready[0])
+                if self._waiter is not None and len(slots) < self._waiter[0]:
+                    waiter, self._waiter = self._waiter[1], None
+        if waiter is not None:
+            waiter()
 
-    def wait_below(self, limit: int, timeout: float | None = None) -> bool:
-        """Wait until fewer than ``limit`` replies are outstanding (back-pressure)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: len(self._slots) < limit, timeout)
-
-
-def _shutdown(sock: socket.socket) -> None:
-    """Unblock whoever reads or writes this socket; the owner closes it."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+    def call_when_below(self, limit: int, callback: Callable[[], None]) -> bool:
+        """True if ``limit`` or more replies are outstanding: ``callback`` is then called
+        (on the thread that fills) once fewer are. False, and no call, if already fewer."""
+        with self._lock:
+            if len(self._slots) < limit:
+                return False
+            self._waiter = (limit, callback)
+            return True
 
 
 class Session(Protocol):

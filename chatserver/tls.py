@@ -1,4 +1,5 @@
-"""TLS for a socket that one thread reads while another writes.
+"""TLS on memory buffers: for a socket that one thread reads while another writes, and for
+the server's non-blocking sockets (``TlsSession``).
 
 OpenSSL does not allow one SSL object to be used by two threads at once, and our connections
 read on one thread and write on another. So the SSL object works on memory buffers
@@ -139,3 +140,60 @@ class TlsSocket:
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+
+class TlsSession:
+    """TLS for a non-blocking socket served by an event loop: bytes in, bytes out, no I/O.
+
+    The loop's thread feeds received records (``handshake``, ``decrypt``); any thread may
+    ``encrypt`` (replies are written by the threads that complete them). A lock guards the
+    SSL object; the caller keeps the encrypted records in order on the wire.
+    """
+
+    def __init__(self, context: ssl.SSLContext, *, server_side: bool = True):
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
+        self._lock = threading.Lock()
+
+    def handshake(self, received: bytes) -> tuple[bool, bytes]:
+        """Feed handshake records: (done, records to send). Raises ssl.SSLError on failure
+        (what is left to send then is the alert: ``take_outgoing()``)."""
+        with self._lock:
+            if received:
+                self._incoming.write(received)
+            try:
+                self._ssl.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            return done, self._outgoing.read()
+
+    def decrypt(self, received: bytes) -> tuple[bytes, bytes, bool]:
+        """Feed records: (plaintext, records to send back, peer closed TLS)."""
+        chunks = []
+        closed = False
+        with self._lock:
+            self._incoming.write(received)
+            while True:
+                try:
+                    data = self._ssl.read(TLS_RECORD_READ)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    closed = True
+                    break
+                if not data:
+                    closed = True
+                    break
+                chunks.append(data)
+            return b"".join(chunks), self._outgoing.read(), closed
+
+    def encrypt(self, data: bytes) -> bytes:
+        with self._lock:
+            self._ssl.write(data)
+            return self._outgoing.read()
+
+    def take_outgoing(self) -> bytes:
+        with self._lock:
+            return self._outgoing.read()
