@@ -42,6 +42,8 @@ class _SendJob:
     message: NewMessage
     cap: int
 
+    bulk_is_atomic = True  # store_messages stores all of a batch or nothing: no savepoint
+
     @staticmethod
     def run_bulk(repo: Repository, jobs: list[_SendJob]) -> list:
         return repo.store_messages([job.message for job in jobs], jobs[0].cap)
