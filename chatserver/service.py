@@ -164,6 +164,8 @@ class ChatService:
 
         def read(repo: Repository):
             found = repo.undelivered(account.id, limit)
+            if len(found) < limit:  # the whole queue of this snapshot: no need to count it
+                return found, 0
             return found, repo.count_undelivered(account.id) - len(found)
 
         return self.db.read(read)
