@@ -104,7 +104,7 @@ class WriteCache:
 
     MAX_ENTRIES = 100_000  # per map; beyond, it starts over rather than grow without bound
 
-    __slots__ = ("account_ids", "live_ids", "queued", "data_version")
+    __slots__ = ("account_ids", "data_version", "live_ids", "queued")
 
     def __init__(self):
         self.account_ids: dict[str, int] = {}

@@ -117,13 +117,15 @@ class GroupCommitWriter:
                     first = group[0][0]
                     bulk = getattr(type(first), "run_bulk", None)
                     if bulk is None:
-                        ok, value = _in_savepoint(conn, lambda: [first(repo)])
-                    elif getattr(type(first), "bulk_is_atomic", False):
-                        # All or nothing by itself (store_messages): no savepoint to pay for.
-                        ok, value = _atomic(lambda: bulk(repo, [job for job, _f in group]))
+                        ok, value = _in_savepoint(conn, lambda job=first: [job(repo)])
                     else:
-                        ok, value = _in_savepoint(
-                            conn, lambda: bulk(repo, [job for job, _f in group]))
+                        jobs = [job for job, _future in group]
+                        run = lambda bulk=bulk, jobs=jobs: bulk(repo, jobs)
+                        if getattr(type(first), "bulk_is_atomic", False):
+                            # All or nothing by itself (store_messages): no savepoint to pay for.
+                            ok, value = _atomic(run)
+                        else:
+                            ok, value = _in_savepoint(conn, run)
                     futures.extend(future for _job, future in group)
                     if ok:
                         results.extend(
@@ -173,7 +175,7 @@ def _groups(batch):
 
 
 def _atomic(run) -> tuple[bool, Any]:
-    """Run a job that undoes its own work on failure: like ``_in_savepoint``, minus the savepoint."""
+    """Like ``_in_savepoint`` without the savepoint, for a job that undoes its own work."""
     try:
         return True, run()
     except Exception as exc:
