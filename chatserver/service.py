@@ -42,6 +42,8 @@ class _SendJob:
     message: NewMessage
     cap: int
 
+    bulk_is_atomic = True  # store_messages stores all of a batch or nothing: no savepoint
+
     @staticmethod
     def run_bulk(repo: Repository, jobs: list[_SendJob]) -> list:
         return repo.store_messages([job.message for job in jobs], jobs[0].cap)
@@ -162,6 +164,8 @@ class ChatService:
 
         def read(repo: Repository):
             found = repo.undelivered(account.id, limit)
+            if len(found) < limit:  # the whole queue of this snapshot: no need to count it
+                return found, 0
             return found, repo.count_undelivered(account.id) - len(found)
 
         return self.db.read(read)

@@ -1,11 +1,15 @@
 """The repository: accounts and messages as collections, over one SQLAlchemy Connection.
 
-It knows nothing of sockets or sessions. Every statement is a Core statement with bound
-parameters; the caller owns the transaction (a unit of work or the group-commit writer).
+It knows nothing of sockets or sessions. Statements are Core statements with bound
+parameters, except the hot path on SQLite (store, fetch, ack), which issues fixed SQL text
+with bound parameters through the DBAPI cursor of the same connection: building and
+compiling Core statements per batch cost more than running them. The caller owns the
+transaction (a unit of work or the group-commit writer).
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterable, Sequence
 
 from sqlalchemy import Connection, and_, delete, func, insert, select, tuple_, update
@@ -20,7 +24,14 @@ from chatserver.domain import (
     StoredMessage,
     shown,
 )
-from chatserver.errors import ChatError, InvalidCredentials, NameTaken, NoSuchAccount, QueueFull
+from chatserver.errors import (
+    ChatError,
+    InvalidCredentials,
+    NameTaken,
+    NoSuchAccount,
+    QueueFull,
+    StorageUnavailable,
+)
 from chatserver.storage.tables import accounts, messages, send_receipts
 
 _ACCOUNT_COLUMNS = (accounts.c.id, accounts.c.name, accounts.c.created_at, accounts.c.last_login_at)
@@ -64,11 +75,108 @@ def _prefix_upper_bound(prefix: str) -> str | None:
     return None
 
 
-class Repository:
-    """Accounts and undelivered messages, read and written through ``conn``."""
+# The hot path's SQL for SQLite: fixed text (sqlite3 keeps it prepared), bound parameters only.
+_SQLITE_ID_BY_KEY = "SELECT id FROM accounts WHERE name_key = ?"
+_SQLITE_ACCOUNT_EXISTS = "SELECT 1 FROM accounts WHERE id = ?"
+_SQLITE_COUNT_QUEUED = "SELECT count(*) FROM messages WHERE recipient_id = ?"
+_SQLITE_RECEIPT = "SELECT message_id FROM send_receipts WHERE sender_id = ? AND client_msg_id = ?"
+_SQLITE_INSERT_MESSAGE = ("INSERT INTO messages (recipient_id, sender_id, sender_name, sent_at, body)"
+                          " VALUES (?, ?, ?, ?, ?)")
+_SQLITE_INSERT_RECEIPT = ("INSERT INTO send_receipts (sender_id, client_msg_id, message_id,"
+                          " created_at) VALUES (?, ?, ?, ?)")
+_SQLITE_UNDELIVERED = ("SELECT id, sender_name, recipient_id, sent_at, body FROM messages"
+                       " WHERE recipient_id = ? ORDER BY id LIMIT ?")
+_SQLITE_DELETE_MESSAGE = "DELETE FROM messages WHERE recipient_id = ? AND id = ?"
 
-    def __init__(self, conn: Connection):
+
+class WriteCache:
+    """What the writer learned in earlier transactions, so a send batch need not ask again.
+
+    ``account_ids`` (name key -> id) and ``live_ids`` (accounts known to exist) only hold
+    what was found (an unknown name is looked up every time: another process may create
+    it); ``queued`` holds each recipient's exact undelivered count. It is valid only while
+    the writer's own transactions are the only writes: ``Repository`` drops it when SQLite's
+    ``data_version`` says another connection committed, the writer drops it when a batch or
+    a job is rolled back, and ``delete_account`` drops it. Should something stale slip
+    through anyway, the foreign keys of ``messages`` refuse the insert and the batch is done
+    again the careful way.
+    """
+
+    MAX_ENTRIES = 100_000  # per map; beyond, it starts over rather than grow without bound
+
+    __slots__ = ("account_ids", "data_version", "live_ids", "queued")
+
+    def __init__(self):
+        self.account_ids: dict[str, int] = {}
+        self.live_ids: set[int] = set()
+        self.queued: dict[int, int] = {}
+        self.data_version: int | None = None
+
+    def clear(self) -> None:
+        self.account_ids.clear()
+        self.live_ids.clear()
+        self.queued.clear()
+
+    def trim(self) -> None:
+        if len(self.account_ids) > self.MAX_ENTRIES:
+            self.account_ids.clear()
+        if len(self.live_ids) > self.MAX_ENTRIES:
+            self.live_ids.clear()
+        if len(self.queued) > self.MAX_ENTRIES:
+            self.queued.clear()
+
+
+def _sqlite_storage_error(exc: sqlite3.Error) -> Exception:
+    """A raw sqlite3 error as the writer and units of work expect them from SQLAlchemy."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return StorageUnavailable(f"the database is unavailable: {exc}")
+    return exc
+
+
+class Repository:
+    """Accounts and undelivered messages, read and written through ``conn``.
+
+    ``cache`` is given by the group-commit writer only: the repository of one of its
+    transactions may then trust what earlier transactions learned (see ``WriteCache``).
+    """
+
+    def __init__(self, conn: Connection, cache: WriteCache | None = None):
         self.conn = conn
+        self._sqlite = conn.dialect.name == "sqlite"
+        self._cache = cache if self._sqlite else None
+        self._cache_checked = False
+        self._raw_cursor = None
+
+    def _cursor(self):
+        """A DBAPI cursor on this connection, inside the caller's transaction."""
+        if self._raw_cursor is None:
+            self._raw_cursor = self.conn.connection.driver_connection.cursor()
+        return self._raw_cursor
+
+    def _valid_cache(self) -> WriteCache | None:
+        """The writer's cache, emptied first if another connection committed since last time.
+
+        ``PRAGMA data_version`` changes when any other connection (``chat admin``, another
+        server, a unit of work) commits; checked once per transaction, inside it, when this
+        writer holds the write lock, so nothing else can commit before this one ends.
+        """
+        cache = self._cache
+        if cache is not None and not self._cache_checked:
+            try:
+                version = self._cursor().execute("PRAGMA data_version").fetchone()[0]
+            except sqlite3.Error as exc:
+                raise _sqlite_storage_error(exc) from exc
+            if version != cache.data_version:
+                cache.clear()
+                cache.data_version = version
+            cache.trim()
+            self._cache_checked = True
+        return cache
+
+    def forget_cached(self) -> None:
+        """Drop what the writer cached (after a write that bypassed the repository)."""
+        if self._cache is not None:
+            self._cache.clear()
 
     # -- accounts ---------------------------------------------------------------------------
 
@@ -153,6 +261,7 @@ class Repository:
             update(messages).where(messages.c.sender_id == account_id).values(sender_id=None)
         )
         self.conn.execute(delete(accounts).where(accounts.c.id == account_id))
+        self.forget_cached()  # rare: simpler to start over than to find every trace of it
         return discarded
 
     # -- messages ---------------------------------------------------------------------------
@@ -161,6 +270,8 @@ class Repository:
         self, sender: Account, recipient_id: int, body: str, now: int, client_msg_id: str = ""
     ) -> int:
         """Store a message and, with a client_msg_id, its receipt; return the new id."""
+        if self._cache is not None:
+            self._cache.queued.pop(recipient_id, None)
         message_id = self.conn.execute(
             insert(messages).values(
                 recipient_id=recipient_id, sender_id=sender.id, sender_name=sender.name,
@@ -178,32 +289,158 @@ class Repository:
 
     def store_messages(self, batch: Sequence[NewMessage], cap: int = 0
                        ) -> list[SendOutcome | ChatError]:
-        """Store a batch of sends; see ``_store_messages_once``.
+        """Store a batch of sends: each gets its outcome or its refusal, in order.
 
-        On SQLite the writer holds the database's write lock, so nothing changes between the
-        checks and the inserts. On PostgreSQL another process (a second server, ``chat
-        admin``) can commit in between: the same sender's client_msg_id (a retry through
+        Refusals, checked in this order: unknown recipient, sender deleted meanwhile, a
+        duplicate ``client_msg_id`` (the earlier message id is returned and nothing is
+        stored), recipient's queue at ``cap`` (0 = no cap). All or nothing: on an exception
+        nothing of the batch is stored, so the writer needs no savepoint around it.
+
+        In the writer's transactions on SQLite, the cheap path (``_store_cached``) is tried
+        first. On PostgreSQL another process (a second server, ``chat admin``) can commit
+        between the checks and the inserts: the same sender's client_msg_id (a retry through
         another server) or the deletion of a recipient. The insert then violates a key; the
         batch is undone to a savepoint and checked again once, now seeing that commit, so
         the retry becomes a duplicate and the deleted recipient an unknown one instead of
         one failure for every send of the batch.
         """
-        if self.conn.dialect.name == "sqlite":
-            return self._store_messages_once(batch, cap)
+        if self._sqlite:
+            return self._store_messages_sqlite(batch, cap)
         try:
             with self.conn.begin_nested():
                 return self._store_messages_once(batch, cap)
         except IntegrityError:
-            return self._store_messages_once(batch, cap)
+            with self.conn.begin_nested():
+                return self._store_messages_once(batch, cap)
+
+    def _store_messages_sqlite(self, batch: Sequence[NewMessage], cap: int
+                               ) -> list[SendOutcome | ChatError]:
+        """SQLite: the writer holds the write lock, so nothing changes between checks and inserts.
+
+        A raw savepoint (a few microseconds, unlike SQLAlchemy's) makes the batch all or
+        nothing. If the cached path meets a key violation (a client_msg_id used in an
+        earlier batch, or a cached account that no longer exists) its work is undone, the
+        cache dropped, and the batch checked the careful way.
+        """
+        cache = self._valid_cache()
+        cur = self._cursor()
+        try:
+            cur.execute("SAVEPOINT store_messages")
+            try:
+                if cache is None:
+                    outcomes = self._store_messages_once(batch, cap)
+                else:
+                    try:
+                        outcomes = self._store_cached(cur, cache, batch, cap)
+                    except sqlite3.IntegrityError:
+                        cur.execute("ROLLBACK TO store_messages")
+                        cache.clear()
+                        outcomes = self._store_messages_once(batch, cap)
+                cur.execute("RELEASE store_messages")
+                return outcomes
+            except BaseException:
+                if cache is not None:
+                    cache.clear()
+                try:
+                    cur.execute("ROLLBACK TO store_messages")
+                    cur.execute("RELEASE store_messages")
+                except sqlite3.Error:  # SQLite already rolled the whole transaction back
+                    pass
+                raise
+        except sqlite3.Error as exc:
+            raise _sqlite_storage_error(exc) from exc
+
+    def _store_cached(self, cur, cache: WriteCache, batch: Sequence[NewMessage], cap: int
+                      ) -> list[SendOutcome | ChatError]:
+        """The batch with what the cache knows, one lookup per thing it does not.
+
+        Receipts are not looked up: a client_msg_id used in an earlier batch makes the
+        receipt insert fail (primary key), and the caller redoes the batch carefully. Only a
+        send about to be refused for a full queue looks its receipt up, since a duplicate
+        comes before the cap.
+        """
+        account_ids = cache.account_ids
+        live_ids = cache.live_ids
+        queued = cache.queued
+        outcomes: list = []
+        rows: list[tuple] = []
+        row_of: list[int] = []  # index in outcomes of each row
+        pending: dict[tuple[int, str], int] = {}  # receipts first used in this batch -> row
+        recounted: set[int] = set()  # recipients counted exactly in this batch
+        for m in batch:
+            recipient_id = account_ids.get(m.recipient_key)
+            if recipient_id is None:
+                found = cur.execute(_SQLITE_ID_BY_KEY, (m.recipient_key,)).fetchone()
+                if found is None:
+                    outcomes.append(
+                        NoSuchAccount(f"there is no account named {shown(m.recipient_name)}"))
+                    continue
+                recipient_id = account_ids[m.recipient_key] = found[0]
+            sender = m.sender
+            sender_id = sender.id
+            if sender_id not in live_ids:
+                if cur.execute(_SQLITE_ACCOUNT_EXISTS, (sender_id,)).fetchone() is None:
+                    outcomes.append(InvalidCredentials("this account no longer exists"))
+                    continue
+                live_ids.add(sender_id)
+            client_msg_id = m.client_msg_id
+            if client_msg_id:
+                receipt_key = (sender_id, client_msg_id)
+                first = pending.get(receipt_key)
+                if first is not None:
+                    outcomes.append(first)  # resolved below to a duplicate of that row
+                    continue
+            if cap:
+                count = queued.get(recipient_id)
+                if count is None:  # (then none of this batch's rows is for it yet)
+                    count = cur.execute(_SQLITE_COUNT_QUEUED, (recipient_id,)).fetchone()[0]
+                elif count >= cap and recipient_id not in recounted:
+                    # Refusing: count exactly first, the stored ones plus this batch's.
+                    recounted.add(recipient_id)
+                    count = cur.execute(_SQLITE_COUNT_QUEUED, (recipient_id,)).fetchone()[0]
+                    count += sum(1 for row in rows if row[0] == recipient_id)
+                if count >= cap:
+                    queued[recipient_id] = count
+                    earlier = client_msg_id and cur.execute(
+                        _SQLITE_RECEIPT, (sender_id, client_msg_id)).fetchone()
+                    if earlier:
+                        outcomes.append(SendOutcome(earlier[0], recipient_id, True, None))
+                    else:
+                        outcomes.append(QueueFull(f"{shown(m.recipient_name)} has {cap} "
+                                                  "undelivered messages waiting; try again later"))
+                    continue
+                queued[recipient_id] = count + 1
+            if client_msg_id:
+                pending[receipt_key] = len(rows)
+            row_of.append(len(outcomes))
+            outcomes.append(None)
+            rows.append((recipient_id, sender_id, sender.name, m.sent_at, m.body))
+        if not rows:
+            return outcomes
+        cur.executemany(_SQLITE_INSERT_MESSAGE, rows)
+        # The writer holds the write lock and ids are AUTOINCREMENT: this statement's rows
+        # got consecutive ids ending at the last one inserted.
+        last_id = cur.execute("SELECT last_insert_rowid()").fetchone()[0]
+        first_id = last_id - len(rows) + 1
+        for offset, (index, row) in enumerate(zip(row_of, rows)):
+            message_id = first_id + offset
+            outcomes[index] = SendOutcome(message_id, row[0], False, StoredMessage(
+                message_id, row[2], row[0], row[3], row[4]))
+        if len(row_of) < len(outcomes):
+            for i, outcome in enumerate(outcomes):
+                if type(outcome) is int:  # a repeat, within this batch, of a row's client id
+                    outcomes[i] = SendOutcome(first_id + outcome, rows[outcome][0], True, None)
+        if pending:
+            cur.executemany(_SQLITE_INSERT_RECEIPT, [
+                (sender_id, client_msg_id, first_id + row, rows[row][3])
+                for (sender_id, client_msg_id), row in pending.items()])
+        return outcomes
 
     def _store_messages_once(self, batch: Sequence[NewMessage], cap: int = 0
                              ) -> list[SendOutcome | ChatError]:
-        """Accept a batch of sends with a handful of statements, whatever its size.
+        """Accept a batch of sends with a handful of Core statements, checking everything.
 
-        Each send gets its outcome or its refusal, in order: unknown recipient, sender
-        deleted meanwhile, recipient's queue at ``cap`` (0 = no cap), or a duplicate
-        ``client_msg_id`` (the earlier message id is returned and nothing is stored). Every
-        check happens before the insert, so refusals need no savepoints.
+        Every check happens before the insert, so refusals need no savepoints.
         """
         recipients = self._ids_by_key({m.recipient_key for m in batch})
         live_senders = self.existing_ids({m.sender.id for m in batch})
@@ -299,6 +536,12 @@ class Repository:
 
     def undelivered(self, recipient_id: int, limit: int) -> list[StoredMessage]:
         """The recipient's unacknowledged messages, oldest first."""
+        if self._sqlite:
+            try:
+                rows = self._cursor().execute(_SQLITE_UNDELIVERED, (recipient_id, limit)).fetchall()
+            except sqlite3.Error as exc:
+                raise _sqlite_storage_error(exc) from exc
+            return [StoredMessage(*row) for row in rows]
         rows = self.conn.execute(
             select(*_MESSAGE_COLUMNS)
             .where(messages.c.recipient_id == recipient_id)
@@ -320,6 +563,11 @@ class Repository:
         return {r[0] for r in rows}
 
     def count_undelivered(self, recipient_id: int) -> int:
+        if self._sqlite:
+            try:
+                return self._cursor().execute(_SQLITE_COUNT_QUEUED, (recipient_id,)).fetchone()[0]
+            except sqlite3.Error as exc:
+                raise _sqlite_storage_error(exc) from exc
         return self.conn.execute(
             select(func.count()).select_from(messages).where(messages.c.recipient_id == recipient_id)
         ).scalar_one()
@@ -332,6 +580,29 @@ class Repository:
         ids = list(ids)
         if not ids:
             return 0
+        if self._sqlite:
+            cache = self._valid_cache()
+            cur = self._cursor()
+            try:
+                # One statement per id, prepared once: no IN list to build for 1000 ids.
+                # A statement that fails undoes only itself; the savepoint makes it all or none.
+                cur.execute("SAVEPOINT delete_messages")
+                try:
+                    cur.executemany(_SQLITE_DELETE_MESSAGE, [(recipient_id, i) for i in ids])
+                    deleted = cur.rowcount
+                    cur.execute("RELEASE delete_messages")
+                except BaseException:
+                    try:
+                        cur.execute("ROLLBACK TO delete_messages")
+                        cur.execute("RELEASE delete_messages")
+                    except sqlite3.Error:  # SQLite already rolled the whole transaction back
+                        pass
+                    raise
+            except sqlite3.Error as exc:
+                raise _sqlite_storage_error(exc) from exc
+            if cache is not None and recipient_id in cache.queued:
+                cache.queued[recipient_id] -= deleted
+            return deleted
         result = self.conn.execute(
             delete(messages).where(messages.c.recipient_id == recipient_id, messages.c.id.in_(ids))
         )
@@ -401,6 +672,7 @@ class Repository:
         ids = list(ids)
         if not ids:
             return 0
+        self.forget_cached()
         return self.conn.execute(
             delete(messages).where(messages.c.id.in_(ids), messages.c.sent_at < cutoff)
         ).rowcount

@@ -3,9 +3,9 @@
 Why one writer: SQLite allows one writer at a time, and a commit (an fsync with
 synchronous=FULL) costs far more than the statements in it. Jobs that arrive while a commit
 is under way are run together in the next transaction and share its one commit (group
-commit). Each job runs in its own savepoint, so one refused job does not undo the others. A
-job's future is resolved only after the commit that contains it, so whoever waits on it
-knows its write is durable.
+commit). Each job runs in its own savepoint, so one refused job does not undo the others,
+except bulk jobs that undo their own work (a group of sends). A job's future is resolved
+only after the commit that contains it, so whoever waits on it knows its write is durable.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from sqlalchemy.exc import OperationalError
 
 from chatserver.errors import ChatError, ShuttingDown, StorageUnavailable
 from chatserver.storage.database import storage_errors
-from chatserver.storage.repository import Repository
+from chatserver.storage.repository import Repository, WriteCache
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class GroupCommitWriter:
         self._max_batch = max_batch
         self._on_commit = on_commit
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._cache = WriteCache()  # kept across batches; see WriteCache
         self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
@@ -91,6 +92,7 @@ class GroupCommitWriter:
                 log.error("write batch of %d failed: %s", len(batch), exc)
                 error = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(
                     "the database could not store this; nothing was changed")
+                self._cache = WriteCache()  # what it cached may have been rolled back
                 for _job, future in batch:
                     if not future.done():
                         future.set_exception(error)
@@ -104,52 +106,84 @@ class GroupCommitWriter:
             conn.close()
 
     def _commit_batch(self, conn, batch) -> None:
-        outcomes: list[tuple[Future, bool, Any]] = []
         started = time.perf_counter()
-        batch = [(job, future) for job, future in batch if future.set_running_or_notify_cancel()]
+        batch = [item for item in batch if item[1].set_running_or_notify_cancel()]
+        futures: list[Future] = []
+        results: list = []  # per future: its result, or _Failed(exception)
         with storage_errors():
             with conn.begin():
-                repo = Repository(conn)
+                repo = Repository(conn, self._cache)
                 for group in _groups(batch):
-                    futures = [future for _job, future in group]
                     first = group[0][0]
-                    if len(group) == 1 and not hasattr(first, "run_bulk"):
-                        run = lambda: [first(repo)]  # noqa: E731
+                    bulk = getattr(type(first), "run_bulk", None)
+                    if bulk is None:
+                        ok, value = _in_savepoint(conn, lambda job=first: [job(repo)])
                     else:
                         jobs = [job for job, _future in group]
-                        run = lambda: type(first).run_bulk(repo, jobs)  # noqa: E731
-                    ok, value = _in_savepoint(conn, run)
-                    if not ok:
-                        outcomes.extend((future, False, value) for future in futures)
-                        continue
-                    for future, result in zip(futures, value):
-                        outcomes.append((future, not isinstance(result, Exception), result))
+                        run = lambda bulk=bulk, jobs=jobs: bulk(repo, jobs)
+                        if getattr(type(first), "bulk_is_atomic", False):
+                            # All or nothing by itself (store_messages): no savepoint to pay for.
+                            ok, value = _atomic(run)
+                        else:
+                            ok, value = _in_savepoint(conn, run)
+                    futures.extend(future for _job, future in group)
+                    if ok:
+                        results.extend(
+                            _Failed(r) if isinstance(r, Exception) else r for r in value)
+                    else:
+                        self._cache.clear()  # it may have cached what was just undone
+                        results.extend(_Failed(value) for _ in group)
         if self._on_commit is not None:
             self._on_commit(len(batch), time.perf_counter() - started)
-        for future, ok, value in outcomes:
-            if ok:
-                future.set_result(value)
+        for future, result in zip(futures, results):
+            if type(result) is _Failed:
+                future.set_exception(result.exception)
             else:
-                future.set_exception(value)
+                future.set_result(result)
+
+
+class _Failed:
+    """A job's exception, told apart from a result (a job may return an exception object)."""
+
+    __slots__ = ("exception",)
+
+    def __init__(self, exception: Exception):
+        self.exception = exception
 
 
 def _groups(batch):
     """Consecutive bulk jobs of one type form one group; any other job is a group of its own.
 
     A bulk job's class has ``run_bulk(repo, jobs) -> list`` (a result or an exception per
-    job): a hundred sends cost a handful of statements instead of a hundred rounds.
+    job): a hundred sends cost a handful of statements instead of a hundred rounds. With
+    ``bulk_is_atomic = True`` it also promises that an exception leaves nothing of the
+    group written, so it runs without a savepoint.
     """
     group: list = []
+    group_type = None
     for item in batch:
-        job = item[0]
-        if group and hasattr(job, "run_bulk") and type(job) is type(group[0][0]):
+        job_type = type(item[0])
+        if group and job_type is group_type and hasattr(job_type, "run_bulk"):
             group.append(item)
             continue
         if group:
             yield group
         group = [item]
+        group_type = job_type
     if group:
         yield group
+
+
+def _atomic(run) -> tuple[bool, Any]:
+    """Like ``_in_savepoint`` without the savepoint, for a job that undoes its own work."""
+    try:
+        return True, run()
+    except Exception as exc:
+        if _is_storage_failure(exc):
+            raise
+        if not isinstance(exc, ChatError):
+            log.exception("write job failed", exc_info=exc)
+        return False, exc
 
 
 def _in_savepoint(conn, run) -> tuple[bool, Any]:
