@@ -12,6 +12,7 @@ from chatserver.metrics import Metrics, serve_metrics
 from chatserver.passwords import HashParameters, PasswordHasher
 from chatserver.server import ChatServer, ServerConfig
 from chatserver.service import ChatService
+from chatserver.sessions import corked
 from chatserver.storage.database import Database, create_private_file
 from chatserver.storage.migrate import ensure_schema
 from chatserver.storage.writer import GroupCommitWriter
@@ -38,7 +39,8 @@ class ChatApp:
             ensure_schema(self.db, allow_upgrade=migrate)
             self.db.enable_wal()
             self.writer = GroupCommitWriter(self.db.write_engine,
-                                            on_commit=self.metrics.observe_commit)
+                                            on_commit=self.metrics.observe_commit,
+                                            results_context=corked)
             self.service = ChatService(
                 self.db, self.writer, PasswordHasher(hash_params),
                 max_message_bytes=config.max_message_bytes,

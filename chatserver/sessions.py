@@ -14,13 +14,33 @@ import logging
 import socket
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 log = logging.getLogger(__name__)
 
 OUTPUT_MAX_BYTES = 4 * 1024 * 1024  # per connection; beyond this the peer is too slow
 WRITE_BATCH_BYTES = 256 * 1024  # queued frames joined into one send, to save syscalls
+
+_corks = threading.local()
+
+
+@contextmanager
+def corked() -> Iterator[None]:
+    """Hold this thread's writes until the block ends, then send each socket's in one go.
+
+    The database writer resolves a whole commit's sends inside one: the replies and pushes
+    of a batch cost one ``send`` per connection instead of one per frame.
+    """
+    held: list[Output] = []
+    _corks.held = held
+    try:
+        yield
+    finally:
+        _corks.held = None
+        for output in held:
+            output.uncork()
 
 
 class Output:
@@ -43,6 +63,7 @@ class Output:
         self._lock = threading.Lock()
         self._failed = False
         self._closed = False
+        self._corked = False  # a thread holds our queue for a while (see ``corked``)
         # Set once TLS is up; applied under the lock so records go out in the order made.
         self.encrypt: Callable[[bytes], bytes] | None = None
 
@@ -64,7 +85,11 @@ class Output:
                 data = self.encrypt(data)
                 if not data:
                     return True
-            if self._queue:
+            held = getattr(_corks, "held", None)
+            if held is not None and not self._queue:
+                self._corked = True
+                held.append(self)
+            if self._queue or self._corked:
                 if self._queued + len(data) > self._max_bytes:
                     log.warning("dropping a connection that does not read (%d bytes queued)",
                                 self._queued)
@@ -91,6 +116,13 @@ class Output:
         if blocked:
             self._on_blocked()
         return True
+
+    def uncork(self) -> None:
+        """Send what a ``corked`` block held (or queue it for the loop, like ``write``)."""
+        with self._lock:
+            self._corked = False
+        if not self.flush():
+            self._on_blocked()
 
     def flush(self) -> bool:
         """Send what is queued, as far as the socket takes it; True once nothing is left."""

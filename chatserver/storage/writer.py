@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -36,7 +37,11 @@ class GroupCommitWriter:
     """Runs write jobs ``job(repo) -> result`` on one thread, many jobs per commit."""
 
     def __init__(self, engine: Engine, *, max_batch: int = MAX_BATCH,
-                 on_commit: Callable[[int, float], None] | None = None):
+                 on_commit: Callable[[int, float], None] | None = None,
+                 results_context: Callable[[], AbstractContextManager] = nullcontext):
+        """``results_context``: entered around resolving a committed batch's futures (the
+        server holds the replies their callbacks write, to send them together)."""
+        self.results_context = results_context
         self._engine = engine
         self._max_batch = max_batch
         self._on_commit = on_commit
@@ -135,11 +140,12 @@ class GroupCommitWriter:
                         results.extend(_Failed(value) for _ in group)
         if self._on_commit is not None:
             self._on_commit(len(batch), time.perf_counter() - started)
-        for future, result in zip(futures, results):
-            if type(result) is _Failed:
-                future.set_exception(result.exception)
-            else:
-                future.set_result(result)
+        with self.results_context():
+            for future, result in zip(futures, results):
+                if type(result) is _Failed:
+                    future.set_exception(result.exception)
+                else:
+                    future.set_result(result)
 
 
 class _Failed:
