@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ def normalize_name(name: str) -> str:
     return normalized
 
 
+@functools.lru_cache(maxsize=16384)  # every send looks up its recipient's key: NFKC is not free
 def name_key(name: str) -> str:
     """The key that makes names unique without regard to case (``Alice`` == ``alice``)."""
     return normalize_name(name).casefold()

@@ -533,39 +533,42 @@ class ChatConnection:
 
         The only request that does not wait for its outcome: many of a connection's sends
         can be in one commit."""
+        slot = self.replies.reserve()
+        request_id = event.request_id
         try:
-            future = self.server.service.submit_send(self.account, event.to, event.body,
-                                                     event.client_msg_id)
+            self.server.service.submit_send(
+                self.account, event.to, event.body, event.client_msg_id,
+                on_done=lambda outcome, error: self._send_done(request_id, slot, outcome, error))
         except ChatError as exc:
             self.server.metrics.rejected.labels(exc.code).inc()
-            raise
-        slot = self.replies.reserve()
-        future.add_done_callback(lambda done: self._send_done(event.request_id, slot, done))
+            self.replies.fill(slot, encode_event(Error(
+                request_id=request_id, code=exc.code, text=exc.message,
+                retry_after_ms=exc.retry_after_ms)))
 
-    def _send_done(self, request_id: int, slot: list, future) -> None:
+    def _send_done(self, request_id: int, slot: list, outcome, error) -> None:
         """(The writer's thread, after the commit.) Push to the recipient, then reply."""
         metrics = self.server.metrics
-        try:
-            outcome = future.result()
-        except ChatError as exc:
-            metrics.rejected.labels(exc.code).inc()
-            reply = Error(request_id=request_id, code=exc.code, text=exc.message,
-                          retry_after_ms=exc.retry_after_ms)
-        except Exception:
-            log.exception("internal error storing a message from %s", self.peer)
-            reply = Error(request_id=request_id, code="internal_error",
-                          text="internal server error")
-        else:
+        if error is None:
             pushed = False
             if outcome.message is not None:
                 metrics.stored.inc()
-                frame = encode_event(Push(message=message_event(outcome.message)))
-                for session in self.server.registry.sessions_of(outcome.recipient_id):
-                    if session.push_frame(frame):
-                        pushed = True
-                        metrics.pushed.inc()
+                sessions = self.server.registry.sessions_of(outcome.recipient_id)
+                if sessions:
+                    frame = encode_event(Push(message=message_event(outcome.message)))
+                    for session in sessions:
+                        if session.push_frame(frame):
+                            pushed = True
+                            metrics.pushed.inc()
             reply = Sent(request_id=request_id, message_id=outcome.message_id, pushed=pushed,
                          duplicate=outcome.duplicate)
+        elif isinstance(error, ChatError):
+            metrics.rejected.labels(error.code).inc()
+            reply = Error(request_id=request_id, code=error.code, text=error.message,
+                          retry_after_ms=error.retry_after_ms)
+        else:
+            log.error("internal error storing a message from %s", self.peer, exc_info=error)
+            reply = Error(request_id=request_id, code="internal_error",
+                          text="internal server error")
         self.replies.fill(slot, encode_event(reply))
 
     def on_fetch(self, event: Fetch):

@@ -138,12 +138,15 @@ class ChatService:
         """Store a message for ``to``; returns once it is committed."""
         return self.submit_send(sender, to, body, client_msg_id).result()
 
-    def submit_send(self, sender: Account, to: str, body: str,
-                    client_msg_id: str = "") -> Future[SendOutcome]:
+    def submit_send(self, sender: Account, to: str, body: str, client_msg_id: str = "",
+                    on_done: Callable[[SendOutcome | None, BaseException | None], None]
+                    | None = None) -> Future[SendOutcome] | None:
         """Check a send and queue it for the writer; the future resolves after its commit.
 
         Refusals that need no database (size, rate) raise at once; the others (unknown
-        recipient, full queue) come through the future.
+        recipient, full queue) come through the future. With ``on_done`` there is no future:
+        ``on_done(outcome, None)`` or ``on_done(None, error)`` is called after the commit,
+        on the writer's thread.
         """
         domain.validate_body(body, self.max_message_bytes)
         domain.validate_client_msg_id(client_msg_id)
@@ -156,7 +159,11 @@ class ChatService:
             raise RateLimited("too many messages; slow down",
                               retry_after_ms=max(1, math.ceil(wait * 1000)))
         message = NewMessage(sender, key, to, body, self.clock(), client_msg_id)
-        return self.writer.submit(_SendJob(message, self.max_queued_per_account))
+        job = _SendJob(message, self.max_queued_per_account)
+        if on_done is not None:
+            self.writer.submit_callback(job, on_done)
+            return None
+        return self.writer.submit(job)
 
     def fetch(self, account: Account, limit: int) -> tuple[list[StoredMessage], int]:
         """The oldest undelivered messages and how many more wait after them."""

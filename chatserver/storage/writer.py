@@ -14,9 +14,9 @@ import logging
 import queue
 import threading
 import time
-from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
@@ -60,6 +60,16 @@ class GroupCommitWriter:
                 raise ShuttingDown("the server is shutting down")
             self._queue.put((job, future))
         return future
+
+    def submit_callback(self, job: Callable[[Repository], T],
+                        done: Callable[[T | None, BaseException | None], None]) -> None:
+        """Queue a job; after the commit that contains it, ``done(result, None)`` or
+        ``done(None, exception)`` is called on the writer's thread. Lighter than a Future
+        (no lock or condition per job): the server's path for sends."""
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down")
+            self._queue.put((job, _Completion(done)))
 
     def run(self, job: Callable[[Repository], T]) -> T:
         """Submit a job and wait for its committed result (or its exception)."""
@@ -146,6 +156,36 @@ class GroupCommitWriter:
                     future.set_exception(result.exception)
                 else:
                     future.set_result(result)
+
+
+class _Completion:
+    """What the writer needs of a Future, for a plain callback (see ``submit_callback``)."""
+
+    __slots__ = ("_done", "_called")
+
+    def __init__(self, done):
+        self._done = done
+        self._called = False
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return True
+
+    def done(self) -> bool:
+        return self._called
+
+    def set_result(self, result) -> None:
+        self._called = True
+        self._call(result, None)
+
+    def set_exception(self, exception: BaseException) -> None:
+        self._called = True
+        self._call(None, exception)
+
+    def _call(self, result, exception) -> None:
+        try:
+            self._done(result, exception)
+        except Exception:  # like a Future's callbacks: one failure must not stop the rest
+            log.exception("a write job's callback failed")
 
 
 class _Failed:
