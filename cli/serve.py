@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import ssl
@@ -17,6 +18,17 @@ from chatserver.passwords import HashParameters
 from chatserver.server import ServerConfig
 from chatserver.storage.migrate import SchemaError
 from chatserver_cli.options import db_option, host_option, port_option
+
+
+def tune_garbage_collector() -> None:
+    """Fewer, cheaper cyclic collections: a busy server allocates a few short-lived objects
+    per message (events, rows, outcomes), none of them in cycles worth chasing, and with the
+    default threshold (700) a collection ran every few hundred messages, scanning every
+    long-lived object each time it reached the older generations. What exists at start-up
+    (modules, SQLAlchemy's metadata) is frozen out of collections altogether."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
 
 
 @click.command()
@@ -111,6 +123,7 @@ def serve(db, host, port, sync, max_connections, heartbeat_interval, max_message
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    tune_garbage_collector()
     app.start()
     bound_host, bound_port = app.address
     click.echo(f"chat server listening on {bound_host}:{bound_port} (database "
