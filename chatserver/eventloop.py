@@ -57,6 +57,7 @@ class EventLoop:
         self._selector.register(self._wake_recv, READ, self._drain_wakeups)
         self._running = False
         self._stop_requested = False
+        self.ready_count = 0  # sockets that were ready in this turn
         self.thread_id: int | None = None
 
     # -- from any thread ------------------------------------------------------------------
@@ -102,7 +103,9 @@ class EventLoop:
         try:
             while not self._stop_requested:
                 timeout = self._timeout()
-                for key, mask in select(timeout):
+                events = select(timeout)
+                self.ready_count = len(events)
+                for key, mask in events:
                     self._call(key.data, mask)
                 self._run_timers()
                 ready = self._ready

@@ -538,12 +538,21 @@ class ChatConnection:
         try:
             self.server.service.submit_send(
                 self.account, event.to, event.body, event.client_msg_id,
-                on_done=lambda outcome, error: self._send_done(request_id, slot, outcome, error))
+                on_done=lambda outcome, error: self._send_done(request_id, slot, outcome, error),
+                inline_if_idle=self._alone())
         except ChatError as exc:
             self.server.metrics.rejected.labels(exc.code).inc()
             self.replies.fill(slot, encode_event(Error(
                 request_id=request_id, code=exc.code, text=exc.message,
                 retry_after_ms=exc.retry_after_ms)))
+
+    def _alone(self) -> bool:
+        """Whether the loop has nothing else to do this turn: this connection alone was ready
+        and this request is the last one it sent. A send may then be committed on the loop's
+        thread (if the writer is idle), saving two thread hand-offs for a client that waits
+        for each reply; when others are waiting, the writer thread batches them instead."""
+        return (self.loop.ready_count <= 1 and not self.codec.trailing_data
+                and threading.get_ident() == self.loop.thread_id)
 
     def _send_done(self, request_id: int, slot: list, outcome, error) -> None:
         """(The writer's thread, after the commit.) Push to the recipient, then reply."""

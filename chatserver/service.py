@@ -140,13 +140,13 @@ class ChatService:
 
     def submit_send(self, sender: Account, to: str, body: str, client_msg_id: str = "",
                     on_done: Callable[[SendOutcome | None, BaseException | None], None]
-                    | None = None) -> Future[SendOutcome] | None:
+                    | None = None, inline_if_idle: bool = False) -> Future[SendOutcome] | None:
         """Check a send and queue it for the writer; the future resolves after its commit.
 
         Refusals that need no database (size, rate) raise at once; the others (unknown
         recipient, full queue) come through the future. With ``on_done`` there is no future:
         ``on_done(outcome, None)`` or ``on_done(None, error)`` is called after the commit,
-        on the writer's thread.
+        on the writer's thread (or on this one: ``GroupCommitWriter.submit_callback``).
         """
         domain.validate_body(body, self.max_message_bytes)
         domain.validate_client_msg_id(client_msg_id)
@@ -161,7 +161,7 @@ class ChatService:
         message = NewMessage(sender, key, to, body, self.clock(), client_msg_id)
         job = _SendJob(message, self.max_queued_per_account)
         if on_done is not None:
-            self.writer.submit_callback(job, on_done)
+            self.writer.submit_callback(job, on_done, inline_if_idle=inline_if_idle)
             return None
         return self.writer.submit(job)
 

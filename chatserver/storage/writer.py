@@ -6,6 +6,11 @@ is under way are run together in the next transaction and share its one commit (
 commit). Each job runs in its own savepoint, so one refused job does not undo the others,
 except bulk jobs that undo their own work (a group of sends). A job's future is resolved
 only after the commit that contains it, so whoever waits on it knows its write is durable.
+
+A send submitted while nothing else is being written (``submit_callback`` with the writer
+idle) is committed on the submitting thread instead, under the same lock: one client
+waiting for each reply then pays no hand-off to the writer thread and back. Jobs submitted
+meanwhile queue for the thread as usual, so the order of writes is the order of submission.
 """
 
 from __future__ import annotations
@@ -48,7 +53,10 @@ class GroupCommitWriter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._cache = WriteCache()  # kept across batches; see WriteCache
         self._closed = False
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _closed, _in_flight and queueing
+        self._in_flight = 0  # jobs submitted and not yet resolved
+        self._db_lock = threading.Lock()  # held by whichever thread writes (see module doc)
+        self._conn = None
         self._thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
         self._thread.start()
 
@@ -58,18 +66,33 @@ class GroupCommitWriter:
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
+            self._in_flight += 1
             self._queue.put((job, future))
         return future
 
     def submit_callback(self, job: Callable[[Repository], T],
-                        done: Callable[[T | None, BaseException | None], None]) -> None:
+                        done: Callable[[T | None, BaseException | None], None],
+                        *, inline_if_idle: bool = False) -> None:
         """Queue a job; after the commit that contains it, ``done(result, None)`` or
-        ``done(None, exception)`` is called on the writer's thread. Lighter than a Future
-        (no lock or condition per job): the server's path for sends."""
+        ``done(None, exception)`` is called. Lighter than a Future (no lock or condition per
+        job): the server's path for sends. With ``inline_if_idle`` and the writer idle, the
+        job is committed on this thread and ``done`` called before this returns (the caller
+        has nothing else to do meanwhile); else it is the writer thread's."""
+        item = (job, _Completion(done))
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
-            self._queue.put((job, _Completion(done)))
+            self._in_flight += 1
+            inline = inline_if_idle and self._in_flight == 1
+            if not inline:
+                self._queue.put(item)
+        if inline:
+            try:
+                with self._db_lock:
+                    self._execute([item])
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
 
     def run(self, job: Callable[[Repository], T]) -> T:
         """Submit a job and wait for its committed result (or its exception)."""
@@ -85,7 +108,6 @@ class GroupCommitWriter:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        conn = None
         stopping = False
         while not stopping:
             batch = [self._queue.get()]
@@ -100,25 +122,36 @@ class GroupCommitWriter:
             if not batch:
                 continue
             try:
-                if conn is None:
-                    conn = self._engine.connect()
-                self._commit_batch(conn, batch)
-            except Exception as exc:  # the database failed: every job of the batch is refused
-                log.error("write batch of %d failed: %s", len(batch), exc)
-                error = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(
-                    "the database could not store this; nothing was changed")
-                self._cache = WriteCache()  # what it cached may have been rolled back
-                for _job, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                if conn is not None:
-                    try:
-                        conn.close()
-                    except Exception:  # a broken connection may fail to close; drop it
-                        pass
-                    conn = None
-        if conn is not None:
-            conn.close()
+                with self._db_lock:
+                    self._execute(batch)
+            finally:
+                with self._lock:
+                    self._in_flight -= len(batch)
+        with self._db_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _execute(self, batch) -> None:
+        """Commit a batch and resolve its jobs (with ``_db_lock`` held)."""
+        try:
+            if self._conn is None:
+                self._conn = self._engine.connect()
+            self._commit_batch(self._conn, batch)
+        except Exception as exc:  # the database failed: every job of the batch is refused
+            log.error("write batch of %d failed: %s", len(batch), exc)
+            error = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(
+                "the database could not store this; nothing was changed")
+            self._cache = WriteCache()  # what it cached may have been rolled back
+            for _job, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except Exception:  # a broken connection may fail to close; drop it
+                    pass
+                self._conn = None
 
     def _commit_batch(self, conn, batch) -> None:
         started = time.perf_counter()
