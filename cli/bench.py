@@ -37,8 +37,8 @@ def _address(value: str | None) -> tuple[str, int] | None:
               help="Seconds of load per throughput or latency measurement.")
 @click.option("--scale", type=click.FloatRange(0.0001, 100), default=1.0, show_default=True,
               help="Multiplies the workload sizes: 1.0 is 100k queued messages, 10k "
-                   "connections, 1M accounts searched (and a cap of 1M requests per "
-                   "measurement).")
+                   "connections, 1M accounts searched and sent among (and a cap of 1M "
+                   "requests per measurement).")
 @click.option("--processes", type=click.IntRange(0, 256), default=0,
               help="Load generator processes per workload. 0 (default): one per CPU.")
 @click.option("--limits", "with_limits", is_flag=True,
@@ -55,8 +55,10 @@ def bench(target, server_pid, sync, workloads, duration, scale, processes, with_
     when it is a terminal. Workloads: sends-1, sends-8, sends-8x32 (durable sends, clients x
     requests in flight), live (send-to-push latency at 1,000 msgs/s and the maximum push
     rate), drain (queue 100k messages for an offline account, then fetch + ack them all),
-    connections (10k idle logged-in connections, then all send at once), search (prefix and
-    infix patterns over 1M accounts).
+    search (prefix and infix patterns over 1M accounts), accounts (the sends-8x32 and
+    sends-1 loads against a database of 100 accounts and one of 1M, with the ratio 1M/100:
+    the target is within 10%), connections (10k idle logged-in connections, then all send
+    at once).
 
     \b
     Example:

@@ -9,6 +9,10 @@ and collects counts and latency histograms. Server CPU time and peak memory are 
 Workload sizes scale with ``scale`` (1.0 = the sizes of the issue: 100k queued messages, 10k
 connections, 1M accounts); throughput workloads run for ``duration`` seconds and are also
 capped in count; every phase has a hard time limit.
+
+The workloads that need many accounts (search, accounts) insert them straight into the
+database file before its server starts (``populate_accounts``): registering 1M accounts
+through the protocol would take hours.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import string
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 from chatserver.bench.histogram import Histogram
@@ -32,16 +36,21 @@ from chatserver.bench.target import BenchServer, ProcessProbe, machine_busy_seco
 
 # Run in this order; connections comes last because 10k server threads leave the machine
 # busy for a while after they are gone.
-WORKLOADS = ("sends-1", "sends-8", "sends-8x32", "live", "drain", "search", "connections")
+WORKLOADS = ("sends-1", "sends-8", "sends-8x32", "live", "drain", "search", "accounts",
+             "connections")
 PASSWORD = "bench-password-1"
-# Cheap Argon2 for the workloads whose set-up logs in many accounts (connections, search):
+# Cheap Argon2 for the workloads with many accounts (connections, search, accounts):
 # 10k logins at the default cost (64 MiB, t=3: ~0.2 s of CPU each) would take most of an
 # hour on 2 cores. No workload measures password hashing.
 CHEAP_HASH_ARGS = ["--argon2-time-cost", "1", "--argon2-memory-kib", "64"]
 LIVE_RATE = 1000  # messages per second offered in the send-to-push latency workload
 QUEUED_MESSAGES = 100_000  # store-and-forward, at scale 1
 CONNECTIONS = 10_000  # idle logged-in connections, at scale 1
-ACCOUNTS = 1_000_000  # accounts searched, at scale 1
+ACCOUNTS = 1_000_000  # accounts searched, and in the big database of "accounts", at scale 1
+FEW_ACCOUNTS = 100  # the small database of "accounts" (not scaled)
+ACCOUNTS_TARGET = 0.9  # the issue: a send with 1M accounts within 10% of one with 100
+# The load shapes of the accounts workload: (row suffix, clients, window, same as).
+ACCOUNT_SHAPES = (("8x32", 8, 32, "sends-8x32"), ("1", 1, 1, "sends-1"))
 MAX_OPS = 1_000_000  # count cap of a time-bounded phase, at scale 1
 BURST_TIMEOUT_S = 60.0
 BURST_TARGET_S = 2.0  # the issue's target: every connection's send answered within 2 s  # connections: how long the replies to the burst are waited for
@@ -326,6 +335,28 @@ def search_patterns(names: list[str], kind: str, n: int = 200, seed: int = 7) ->
     return patterns
 
 
+def spread_names(names: list[str], n: int) -> list[str]:
+    """``n`` of ``names`` spread evenly over the order of their keys, from the last one down.
+
+    The accounts a workload uses are picked this way, not as the first rows inserted, so that
+    looking them up walks the whole unique index on ``name_key`` (and their ids, the numbers
+    in the names, land all over the table).
+    """
+    if n > len(names):
+        raise ValueError(f"{n} names wanted from {len(names)}")
+    ordered = sorted(names, key=str.casefold)
+    step = len(ordered) / n
+    return [ordered[len(ordered) - 1 - int(i * step)] for i in range(n)]
+
+
+def count_label(n: int) -> str:
+    """1000000 -> '1M', 5000 -> '5k', 100 -> '100' (for row names)."""
+    for unit, size in (("M", 1_000_000), ("k", 1_000)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
 def populate_accounts(db_path: str, names: list[str], status=None) -> None:
     """Insert accounts straight into a (new) chat database, with one precomputed hash."""
     from sqlalchemy import insert
@@ -412,6 +443,21 @@ class Bench:
             finally:
                 self._say("stopping the server")
                 server.stop()
+
+    def accounts_prepare(self, names: list[str]) -> Callable[[str], None] | None:
+        """The ``prepare`` of ``endpoint()`` that inserts ``names`` as accounts, all with the
+        password PASSWORD (None with --target: a running server keeps its own accounts).
+
+        Its server should use ``cheap_hash``: the hash inserted is made with those cheap
+        parameters, so that logins neither cost 0.2 s each nor rehash.
+        """
+        if self.o.target is not None:
+            return None
+
+        def prepare(db_path: str) -> None:
+            populate_accounts(db_path, names, status=self._say)
+
+        return prepare
 
     def register(self, ep: Endpoint, names: list[str]) -> None:
         """Create accounts that stay offline (message sinks), through the protocol."""
@@ -520,18 +566,28 @@ class Bench:
                 self.failures.append({"workload": workload, "error": str(exc)})
         self._current = ""
 
+    def _send_load(self, ep: Endpoint, auths: list[list[str]], sink: str,
+                   window: int) -> PhaseResult:
+        """Durable sends to the offline account ``sink``: one connection per ``auths`` entry
+        (``["register"|"login", name, password]``), ``window`` requests in flight each."""
+        cap = math.ceil(self.o.scaled(MAX_OPS, 100) / len(auths))
+        conns = [{"auth": auth, "role": "sender", "to": sink, "window": window, "count": cap}
+                 for auth in auths]
+        return self.phase(ep, split(conns, self.processes), duration=self.o.duration)
+
+    def _send_row(self, name: str, workload: str, description: str, result: PhaseResult,
+                  limit: str) -> Row:
+        return self._row(name, workload, description, result, ops=result.total("ops"),
+                         last_ns=result.latest("last_ns"), latency=result.merged("hist"),
+                         limit=limit)
+
     def _sends(self, workload: str, clients: int, window: int, description: str) -> list[Row]:
         with self.endpoint() as ep:
             sink = self.name("sink")
             self.register(ep, [sink])
-            cap = math.ceil(self.o.scaled(MAX_OPS, 100) / clients)
-            conns = [{"auth": ["register", self.name("s"), PASSWORD], "role": "sender",
-                      "to": sink, "window": window, "count": cap} for _ in range(clients)]
-            result = self.phase(ep, split(conns, self.processes), duration=self.o.duration)
-        row = self._row(workload, workload, description, result, ops=result.total("ops"),
-                        last_ns=result.latest("last_ns"), latency=result.merged("hist"),
-                        limit=workload)
-        return [row]
+            auths = [["register", self.name("s"), PASSWORD] for _ in range(clients)]
+            result = self._send_load(ep, auths, sink, window)
+        return [self._send_row(workload, workload, description, result, limit=workload)]
 
     def w_sends_1(self) -> list[Row]:
         return self._sends("sends-1", 1, 1, "durable sends, 1 client, 1 in flight")
@@ -681,12 +737,8 @@ class Bench:
         n = self.o.scaled(ACCOUNTS, 100)
         self._say(f"making {n:,} account names")
         names = account_names(n)
-        prepare = None
-        if self.o.target is None:
-            def prepare(db_path: str) -> None:
-                populate_accounts(db_path, names, status=self._say)
         rows = []
-        with self.endpoint(cheap_hash=True, prepare=prepare) as ep:
+        with self.endpoint(cheap_hash=True, prepare=self.accounts_prepare(names)) as ep:
             for kind in ("prefix", "infix"):
                 self._current = f"search ({kind})"
                 patterns = search_patterns(names, kind)
@@ -705,6 +757,96 @@ class Bench:
                     row.notes.append("over the target's own accounts (none inserted)")
                 rows.append(row)
         return rows
+
+    def w_accounts(self) -> list[Row]:
+        """Durable sends (the sends-8x32 and sends-1 shapes) against a database of 100
+        accounts and one of 1M; the 1M rows carry the ratio to the 100 ones.
+
+        Both servers run at once (each on its own database, idle but for the phase being
+        measured) and each shape is measured on the small one then at once on the big one,
+        so that a pair sees the same machine. The recipient is the account with the last
+        key and the senders are spread over the key order.
+        """
+        if self.o.target is not None:
+            return self._accounts_on_target()
+        clients = max(shape[1] for shape in ACCOUNT_SHAPES)
+        big = self.o.scaled(ACCOUNTS, FEW_ACCOUNTS)
+        sizes = (FEW_ACCOUNTS, big)
+        with ExitStack() as stack:
+            eps: list[tuple[int, Endpoint, str, list[str]]] = []
+            for n in sizes:
+                self._current = f"accounts ({n:,})"
+                self._say(f"making {n:,} account names")
+                names = account_names(n)
+                sink, *senders = spread_names(names, 1 + clients)
+                ep = stack.enter_context(self.endpoint(cheap_hash=True,
+                                                       prepare=self.accounts_prepare(names)))
+                eps.append((n, ep, sink, senders))
+            rows = []
+            for suffix, shape_clients, window, same_as in ACCOUNT_SHAPES:
+                pair = []
+                for n, ep, sink, senders in eps:
+                    self._current = f"accounts ({n:,}, {suffix})"
+                    auths = [["login", name, PASSWORD] for name in senders[:shape_clients]]
+                    result = self._send_load(ep, auths, sink, window)
+                    row = self._send_row(
+                        f"accounts-{count_label(n)}-{suffix}", "accounts",
+                        f"durable sends, {shape_clients} clients x {window} in flight "
+                        f"(as {same_as}), {n:,} accounts in the database", result,
+                        limit=same_as)
+                    row.extra.update({"accounts": n, "shape": same_as, "recipient": sink})
+                    pair.append(row)
+                _compare(*pair)
+                rows.extend(pair)
+        return rows
+
+    def _accounts_on_target(self) -> list[Row]:
+        """With --target the database is the target's: the shapes once, nothing compared."""
+        rows = []
+        with self.endpoint() as ep:
+            sink = self.name("sink")
+            self.register(ep, [sink])
+            for suffix, clients, window, same_as in ACCOUNT_SHAPES:
+                self._current = f"accounts ({suffix})"
+                auths = [["register", self.name("s"), PASSWORD] for _ in range(clients)]
+                result = self._send_load(ep, auths, sink, window)
+                row = self._send_row(f"accounts-target-{suffix}", "accounts",
+                                     f"durable sends ({same_as}) over the target's accounts",
+                                     result, limit=same_as)
+                row.notes.append("over the target's own accounts (none inserted): "
+                                 "no 100 vs 1M comparison")
+                rows.append(row)
+        return rows
+
+
+def _compare(few: Row, many: Row) -> None:
+    """Put the ratios of ``many`` (the big database) to ``few`` on ``many``: throughput,
+    server CPU per send, p50 latency, and whether the target (within 10%) is met."""
+    def per_send(row: Row) -> float | None:
+        cpu = (row.server or {}).get("cpu_seconds")
+        return cpu / row.ops if cpu is not None and row.ops else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a is not None and b else None
+
+    label = f"{count_label(many.extra['accounts'])}/{count_label(few.extra['accounts'])}"
+    throughput = ratio(many.throughput, few.throughput)
+    cpu = ratio(per_send(many), per_send(few))
+    p50 = ratio(many.latency.summary_ms()["p50"], few.latency.summary_ms()["p50"])
+    met = throughput >= ACCOUNTS_TARGET if throughput is not None else None
+    many.extra.update({"compared_with": few.name, "throughput_ratio": throughput,
+                       "server_cpu_per_send_ratio": cpu, "p50_ratio": p50,
+                       "target_met": met})
+    if throughput is None:
+        many.notes.append(f"{label}: no throughput to compare")
+        return
+    parts = [f"{label}: {throughput:.2f}x ops/s"]
+    if cpu is not None:
+        parts.append(f"{cpu:.2f}x server CPU/send")
+    if p50 is not None:
+        parts.append(f"{p50:.2f}x p50")
+    verdict = "met" if met else "NOT met"
+    many.notes.append(", ".join(parts) + f"; target (ops/s >= {ACCOUNTS_TARGET:.2f}x): {verdict}")
 
 
 def _mib(n: int | None) -> float | None:

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from chatserver.bench.histogram import Histogram
 from chatserver.bench.report import HEADER
+from chatserver.bench.workloads import account_names, count_label, spread_names
 from chatserver_cli.main import cli
 from tests.conftest import chat_command
 
@@ -28,7 +29,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 
 def test_json_output_has_every_row_and_limit():
     result = run_bench("--duration", "0.3", "--workload", "sends-1", "--workload", "drain",
-                       "--workload", "search", "--limits", "--json")
+                       "--workload", "search", "--workload", "accounts", "--limits", "--json")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert {"command", "machine", "options", "limits", "results", "failures"} <= set(doc)
@@ -36,7 +37,9 @@ def test_json_output_has_every_row_and_limit():
     assert doc["machine"]["nproc"] >= 1 and doc["machine"]["python"]
     assert doc["options"]["sync"] == "full"
     names = [r["name"] for r in doc["results"]]
-    assert names == ["sends-1", "queue", "drain", "search-prefix", "search-infix"]
+    # accounts: 100 accounts vs 1M at scale 1, so 1,000 here ("1k").
+    assert names == ["sends-1", "queue", "drain", "search-prefix", "search-infix",
+                     "accounts-100-8x32", "accounts-1k-8x32", "accounts-100-1", "accounts-1k-1"]
     for row in doc["results"]:
         assert row["ops"] > 0, row
         assert row["throughput_per_s"] > 0, row
@@ -56,6 +59,20 @@ def test_json_output_has_every_row_and_limit():
     assert by_name["sends-1"]["ratio_to_limit"] > 0
     assert by_name["drain"]["ratio_to_limit"] > 0
     assert by_name["search-prefix"]["ratio_to_limit"] is None
+    # accounts: the same loads against 100 and 1,000 accounts; the big row has the ratios.
+    for shape in ("8x32", "1"):
+        few, many = by_name[f"accounts-100-{shape}"], by_name[f"accounts-1k-{shape}"]
+        assert few["workload"] == many["workload"] == "accounts"
+        assert (few["accounts"], many["accounts"]) == (100, 1000)
+        assert few["shape"] == many["shape"] == {"8x32": "sends-8x32", "1": "sends-1"}[shape]
+        # The recipient has the last key of the big table, not one of its first rows.
+        assert many["recipient"] == max(account_names(1000), key=str.casefold)
+        assert many["compared_with"] == few["name"]
+        expected = round(many["throughput_per_s"] / few["throughput_per_s"], 2)
+        assert abs(many["throughput_ratio"] - expected) < 0.02, many
+        assert many["target_met"] is (many["throughput_ratio"] >= 0.9)
+        assert any(note.startswith("1k/100: ") and "target" in note for note in many["notes"])
+        assert few["ratio_to_limit"] > 0 and many["ratio_to_limit"] > 0
 
 
 def test_table_has_a_header_and_one_row_per_measurement():
@@ -95,3 +112,17 @@ def test_histogram_percentiles_are_close():
     merged = Histogram()
     merged.merge(Histogram.from_dict(json.loads(json.dumps(h.to_dict()))))
     assert merged.count == h.count and merged.percentile(50) == h.percentile(50)
+
+
+def test_accounts_are_picked_across_the_key_order():
+    names = account_names(1000)
+    keys = sorted(name.casefold() for name in names)
+    picked = spread_names(names, 9)
+    assert len(set(picked)) == 9
+    positions = sorted(keys.index(name.casefold()) for name in picked)
+    assert positions[-1] == 999  # the last key is one of them
+    assert positions[0] < 200  # and so are keys near the start
+    ids = [int(name.rsplit("_", 1)[1]) for name in picked]
+    assert max(ids) - min(ids) > 500  # their rows are spread over the table too
+    assert count_label(1_000_000) == "1M" and count_label(1000) == "1k"
+    assert count_label(100) == "100" and count_label(12_345) == "12345"
