@@ -72,9 +72,9 @@ from chatserver.protocol import (
     Register,
     RemoteProtocolError,
     Send,
-    Sent,
     Welcome,
     encode_event,
+    encode_sent,
 )
 from chatserver.service import ChatService
 from chatserver.sessions import OUTPUT_MAX_BYTES, Output, ReplyQueue, SessionRegistry
@@ -104,7 +104,7 @@ class ServerConfig:
     heartbeat_interval: int = 30  # seconds of silence before a ping; 0 disables heartbeats
     max_message_bytes: int = domain.MAX_MESSAGE_BYTES
     max_frame_size: int = MAX_FRAME_SIZE
-    outbox_max_bytes: int = OUTPUT_MAX_BYTES
+    output_max_bytes: int = OUTPUT_MAX_BYTES
     max_queued_per_account: int = domain.MAX_QUEUED_PER_ACCOUNT
     send_rate: float = domain.SEND_RATE
     send_burst: int = domain.SEND_BURST
@@ -132,7 +132,7 @@ class ChatConnection:
         self.peer = "%s:%s" % client_address[:2]
         self.codec = Connection(role="server", max_frame_size=server.config.max_frame_size)
         self.account: Account | None = None
-        self.output = Output(sock, max_bytes=server.config.outbox_max_bytes,
+        self.output = Output(sock, max_bytes=server.config.output_max_bytes,
                              on_blocked=self._output_blocked, on_failed=self._output_failed)
         self.replies = ReplyQueue(self.output.write)
         self.tls: tls.TlsSession | None = None
@@ -568,9 +568,10 @@ class ChatConnection:
                         if session.push_frame(frame):
                             pushed = True
                             metrics.pushed.inc()
-            reply = Sent(request_id=request_id, message_id=outcome.message_id, pushed=pushed,
-                         duplicate=outcome.duplicate)
-        elif isinstance(error, ChatError):
+            self.replies.fill(slot, encode_sent(request_id, outcome.message_id, pushed,
+                                                outcome.duplicate))
+            return
+        if isinstance(error, ChatError):
             metrics.rejected.labels(error.code).inc()
             reply = Error(request_id=request_id, code=error.code, text=error.message,
                           retry_after_ms=error.retry_after_ms)

@@ -34,11 +34,12 @@ def corked() -> Iterator[None]:
     of a batch cost one ``send`` per connection instead of one per frame.
     """
     held: list[Output] = []
+    outer = getattr(_corks, "held", None)
     _corks.held = held
     try:
         yield
     finally:
-        _corks.held = None
+        _corks.held = outer  # a nested block hands the thread back to the outer one
         for output in held:
             output.uncork()
 

@@ -274,3 +274,17 @@ def decode_body(cls: type[Event], body: bytes) -> Event:
     event: Event = values[0]
     return event
 
+
+
+_SENT_FRAME = struct.Struct(">IBIQ??")  # length, type, request_id, message_id, pushed, duplicate
+
+
+def encode_sent(request_id: int, message_id: int, pushed: bool, duplicate: bool) -> bytes:
+    """The frame ``encode_event(Sent(...))`` makes, without building the event first.
+
+    The server writes one per stored message, so this reply alone skips the event object
+    and its checks; the caller passes values it knows are in range (a decoded u32 request
+    id, a database id). Raises struct.error otherwise.
+    """
+    return _SENT_FRAME.pack(_SENT_FRAME.size - LENGTH.size, 0x86, request_id, message_id,
+                            pushed, duplicate)

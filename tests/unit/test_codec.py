@@ -397,3 +397,15 @@ def test_protocol_md_examples_are_what_the_encoder_produces():
         event = eval(source, namespace)  # noqa: S307 - our own document
         assert encode_event(event) == data, source
         assert receive_one(event) == event
+
+
+@pytest.mark.parametrize("request_id, message_id, pushed, duplicate", [
+    (0, 1, False, False), (4, 42, True, False), (2**32 - 1, 2**63 - 1, False, True),
+    (7, 2**64 - 1, True, True),
+])
+def test_encode_sent_is_the_frame_of_a_sent_event(request_id, message_id, pushed, duplicate):
+    """The server's fast path for Sent writes exactly what encode_event would."""
+    from chatserver.protocol import encode_sent
+
+    assert encode_sent(request_id, message_id, pushed, duplicate) == encode_event(
+        Sent(request_id=request_id, message_id=message_id, pushed=pushed, duplicate=duplicate))
