@@ -26,7 +26,7 @@ from chatserver.domain import Account
 from chatserver.errors import InvalidName, NoSuchAccount
 from chatserver.passwords import PasswordHasher
 from chatserver.storage import database
-from chatserver.storage.database import Database
+from chatserver.storage.database import Database, shown_database
 from chatserver.storage.migrate import SchemaStatus, head_revision, schema_status, upgrade
 
 DAY_MS = 86_400_000
@@ -78,7 +78,7 @@ def require_head(db: Database, cli_db: str | None = None) -> SchemaStatus:
     if status.state == "behind":
         raise AdminError(
             f"{db.display_name} is at revision {status.current}, behind {status.head}; "
-            f"run: chat admin migrate --db {cli_db or db.display_name}")
+            f"run: chat admin migrate --db {shown_database(cli_db or db.display_name)}")
     return status
 
 

@@ -21,7 +21,7 @@ from chatserver import admin as lib
 from chatserver.domain import SearchPattern
 from chatserver.errors import ChatError
 from chatserver.passwords import HashParameters, PasswordHasher
-from chatserver.storage.database import Database
+from chatserver.storage.database import Database, shown_database
 from chatserver.storage.migrate import SchemaError, schema_status
 from chatserver_cli.options import db_option
 
@@ -154,7 +154,8 @@ def _database(path_or_url: str) -> Database:
     try:
         return Database(path_or_url)
     except (ArgumentError, ImportError) as exc:
-        raise click.ClickException(f"cannot use the database {path_or_url}: {exc}") from None
+        raise click.ClickException(
+            f"cannot use the database {shown_database(path_or_url)}: {exc}") from None
 
 
 @contextmanager
@@ -532,10 +533,11 @@ def db_status(db, as_json) -> None:
         _echo_fields([("current revision", status.current or "none"),
                       ("head revision", status.head)])
     if status.state == "behind":
-        raise click.ClickException(f"{name} is behind head; run: chat admin migrate --db {db}")
+        raise click.ClickException(f"{name} is behind head; run: chat admin migrate --db "
+                                   f"{shown_database(db)}")
     if status.state == "empty":
         raise click.ClickException(f"{name} has no chat schema yet; "
-                                   f"run: chat admin migrate --db {db}")
+                                   f"run: chat admin migrate --db {shown_database(db)}")
     if status.state == "ahead":
         raise click.ClickException(
             f"{name} was written by a newer version of chat (revision {status.current}); "

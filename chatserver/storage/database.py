@@ -36,6 +36,16 @@ def database_url(path_or_url: str) -> str:
     return "sqlite+pysqlite:///" + os.path.abspath(path_or_url)
 
 
+def shown_database(path_or_url: str) -> str:
+    """``path_or_url`` fit for messages and logs: a URL's password becomes ``***``."""
+    if "://" not in path_or_url:
+        return path_or_url
+    try:
+        return make_url(path_or_url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL: show nothing of it rather than a secret
+        return "<the --db URL>"
+
+
 def _configure_sqlite(engine: Engine, sync: str, begin_sql: str) -> None:
     """Pragmas on every new connection, and our own BEGIN.
 

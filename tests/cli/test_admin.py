@@ -281,3 +281,14 @@ def test_while_the_server_runs(tmp_path, server_factory):
         assert [row["name"] for row in json.loads(result.stdout)] == ["dora"]
     assert server.proc.poll() is None
     assert server.stop() == 0
+
+
+@pytest.mark.parametrize("command", [["list-accounts"], ["db-status"], ["migrate"]])
+def test_a_password_in_the_db_url_is_never_printed(command):
+    """Errors name the database with its URL's password masked (it would land in logs)."""
+    for url in ("nosuchdriver://chat:s3cret-pw@db.example/chat",
+                "postgresql://chat:s3cret-pw@127.0.0.1:1/chat"):
+        result = CliRunner().invoke(cli, ["admin", *command, "--db", url])
+        assert result.exit_code != 0
+        assert "s3cret-pw" not in result.output
+        assert "***" in result.output
