@@ -139,12 +139,15 @@ class EventLoop:
                 self._call(timer.callback)
 
     def _drain_wakeups(self, _mask: int) -> None:
-        self._wake_pending = False  # before the ready callbacks run: a later post wakes again
         try:
             while self._wake_recv.recv(4096):
                 pass
         except (BlockingIOError, OSError):
             pass
+        # Cleared after draining (a byte sent during the drain must not be read while the
+        # flag stays set: later posts would never wake us), and before this turn's ready
+        # callbacks run, so anything posted from now on sends a new wake-up byte.
+        self._wake_pending = False
 
     def _request_stop(self) -> None:
         self._stop_requested = True

@@ -83,14 +83,17 @@ class GroupCommitWriter:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
             self._in_flight += 1
-            inline = inline_if_idle and self._in_flight == 1
+            # Nothing else in flight, so nobody holds _db_lock; taking it here, under _lock,
+            # means no job submitted after this one can be written before it.
+            inline = (inline_if_idle and self._in_flight == 1
+                      and self._db_lock.acquire(blocking=False))
             if not inline:
                 self._queue.put(item)
         if inline:
             try:
-                with self._db_lock:
-                    self._execute([item])
+                self._execute([item])
             finally:
+                self._db_lock.release()
                 with self._lock:
                     self._in_flight -= 1
 

@@ -299,10 +299,6 @@ class _PostDuringRecv:
         self._real.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lost wake-up: _drain_wakeups clears _wake_pending before it drains, so the byte of a "
-    "call_soon made during the drain is drained too, _wake_pending stays True with no byte "
-    "left, and later posts from other threads never wake a loop blocked in select"))
 def test_post_during_a_wakeup_drain_still_wakes_the_next_post():
     """A call_soon from another thread while the loop drains its wake-up socket must not
     leave the loop deaf: a later post from another thread still wakes it from select."""
