@@ -128,7 +128,10 @@ class Sender(Role):
         self.timed = params.get("timed", True)
         self.sent = 0
         self.answered = 0
-        self.prefix = f"{conn.index}-"
+        # Unique per phase too: an account that sends again in a later phase (the accounts
+        # workload logs the same senders in) must not repeat ids, or every send would be a
+        # duplicate (nothing stored) and the figures would measure retries.
+        self.prefix = f"{conn.index}-{os.getpid()}-{time.monotonic_ns()}-"
 
     def start(self, now: int) -> None:
         for _ in range(self.window):

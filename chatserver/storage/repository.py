@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import Connection, and_, delete, func, insert, select, tuple_, update
+from sqlalchemy import Connection, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from chatserver.domain import (
@@ -57,6 +57,14 @@ def _chunks(items, size: int = 500):
     items = list(items)
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def _by_sender(keys) -> dict[int, list[str]]:
+    """(sender id, client_msg_id) pairs grouped by sender id."""
+    grouped: dict[int, list[str]] = {}
+    for sender_id, client_msg_id in keys:
+        grouped.setdefault(sender_id, []).append(client_msg_id)
+    return grouped
 
 
 def _prefix_upper_bound(prefix: str) -> str | None:
@@ -507,13 +515,20 @@ class Repository:
         return found
 
     def _receipts(self, keys: set[tuple[int, str]]) -> dict[tuple[int, str], int]:
+        """The message ids of these (sender id, client_msg_id) receipts that exist.
+
+        One query per sender, ``sender_id = ? AND client_msg_id IN (...)``: a search of the
+        primary key. (A row-value ``(sender_id, client_msg_id) IN (...)`` made SQLite scan
+        the whole table: every retried send cost O(all receipts ever kept).)
+        """
         found: dict[tuple[int, str], int] = {}
-        columns = tuple_(send_receipts.c.sender_id, send_receipts.c.client_msg_id)
-        for chunk in _chunks(keys):
-            rows = self.conn.execute(
-                select(send_receipts.c.sender_id, send_receipts.c.client_msg_id,
-                       send_receipts.c.message_id).where(columns.in_(chunk)))
-            found.update(((r[0], r[1]), r[2]) for r in rows)
+        for sender_id, ids in _by_sender(keys).items():
+            for chunk in _chunks(ids):
+                rows = self.conn.execute(
+                    select(send_receipts.c.client_msg_id, send_receipts.c.message_id).where(
+                        send_receipts.c.sender_id == sender_id,
+                        send_receipts.c.client_msg_id.in_(chunk)))
+                found.update(((sender_id, r[0]), r[1]) for r in rows)
         return found
 
     def _undelivered_counts(self, recipient_ids: set[int]) -> dict[int, int]:
@@ -685,8 +700,6 @@ class Repository:
 
     def delete_receipts_created_before(self, cutoff: int, limit: int) -> int:
         """Delete at most ``limit`` of the oldest send receipts created before ``cutoff``."""
-        from sqlalchemy import tuple_
-
         keys = self.conn.execute(
             select(send_receipts.c.sender_id, send_receipts.c.client_msg_id)
             .where(send_receipts.c.created_at < cutoff)
@@ -695,9 +708,11 @@ class Repository:
         ).all()
         if not keys:
             return 0
-        return self.conn.execute(
-            delete(send_receipts).where(
-                tuple_(send_receipts.c.sender_id, send_receipts.c.client_msg_id).in_(
-                    [tuple(k) for k in keys])
-            )
-        ).rowcount
+        deleted = 0
+        for sender_id, ids in _by_sender(keys).items():  # primary-key searches, no scan
+            for chunk in _chunks(ids):
+                deleted += self.conn.execute(
+                    delete(send_receipts).where(send_receipts.c.sender_id == sender_id,
+                                                send_receipts.c.client_msg_id.in_(chunk))
+                ).rowcount
+        return deleted

@@ -1,0 +1,88 @@
+"""Statements on the paths that grow with the data use an index, never a table scan.
+
+Each test captures the SQL the repository really sends (SQLAlchemy's before_cursor_execute)
+and asks SQLite for its query plan. A send receipt is kept long after its message is
+delivered, so a scan of ``send_receipts`` made every retried send cost O(all receipts).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from sqlalchemy import event
+
+from chatserver.domain import Account, NewMessage
+from chatserver.storage.repository import Repository
+
+
+def plans_of(db, work) -> list[tuple[str, list[str]]]:
+    """Run ``work(repo)`` in a write transaction; (statement, plan details) of each
+    statement it ran that reads or deletes send_receipts."""
+    captured: list[tuple[str, tuple]] = []
+
+    def capture(_conn, _cursor, statement, parameters, _context, executemany):
+        if "send_receipts" in statement and not executemany \
+                and statement.lstrip().upper().startswith(("SELECT", "DELETE")):
+            captured.append((statement, tuple(parameters or ())))
+
+    event.listen(db.write_engine, "before_cursor_execute", capture)
+    try:
+        with db.unit_of_work() as uow:
+            work(uow.repo)
+            uow.commit()
+    finally:
+        event.remove(db.write_engine, "before_cursor_execute", capture)
+    conn = sqlite3.connect(db.path)
+    try:
+        return [(sql, [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)])
+                for sql, params in captured]
+    finally:
+        conn.close()
+
+
+def accounts(db, *names: str) -> list[Account]:
+    with db.unit_of_work() as uow:
+        made = [uow.repo.add_account(n, n.casefold(), "h", 1) for n in names]
+        uow.commit()
+    return made
+
+
+def test_duplicate_check_of_a_send_searches_the_receipts_key(db):
+    alice, bob = accounts(db, "alice", "bob")
+    first = [NewMessage(alice, "bob", "bob", f"m{i}", 1, f"id-{i}") for i in range(3)]
+
+    def store(repo: Repository):
+        repo.store_messages(first)
+
+    plans_of(db, store)
+
+    def retry(repo: Repository):  # every id was used before: the careful path checks them
+        outcomes = repo.store_messages(first + [
+            NewMessage(alice, "bob", "bob", "new", 1, "id-new")])
+        assert [o.duplicate for o in outcomes] == [True, True, True, False]
+        assert repo._receipts({(alice.id, "id-0"), (bob.id, "nope")}) == {
+            (alice.id, "id-0"): outcomes[0].message_id}
+
+    plans = plans_of(db, retry)
+    assert plans, "no receipt lookup was captured"
+    for sql, plan in plans:
+        assert not any(step.startswith("SCAN send_receipts") for step in plan), (sql, plan)
+        assert any("send_receipts USING" in step for step in plan), (sql, plan)
+
+
+def test_receipt_purge_deletes_by_the_key(db):
+    alice, bob = accounts(db, "alice", "bob")
+
+    def store(repo: Repository):
+        repo.store_messages([NewMessage(s, "bob", "bob", "m", 1, f"{s.name}-{i}")
+                             for s in (alice, bob) for i in range(4)])
+
+    plans_of(db, store)
+    deleted = []
+    plans = plans_of(db, lambda repo: deleted.append(
+        repo.delete_receipts_created_before(cutoff=10, limit=5)))
+    assert deleted == [5]
+    deletes = [(sql, plan) for sql, plan in plans if sql.lstrip().upper().startswith("DELETE")]
+    assert deletes
+    for sql, plan in deletes:
+        assert not any(step.startswith("SCAN send_receipts") for step in plan), (sql, plan)
