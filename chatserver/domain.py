@@ -47,7 +47,7 @@ class Account:
     last_login_at: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per message, and a frozen init costs 4x
 class StoredMessage:
     """A message accepted by the server and not yet acknowledged by its recipient."""
 
@@ -58,7 +58,7 @@ class StoredMessage:
     body: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per message, and a frozen init costs 4x
 class NewMessage:
     """A message as submitted, before the server has accepted it."""
 
@@ -70,7 +70,7 @@ class NewMessage:
     client_msg_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per message, and a frozen init costs 4x
 class SendOutcome:
     """What became of a send. ``message`` is None for a duplicate (the original may be gone)."""
 
