@@ -10,7 +10,8 @@ transaction (a unit of work or the group-commit writer).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 from sqlalchemy import Connection, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -57,6 +58,23 @@ def _chunks(items, size: int = 500):
     items = list(items)
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+@contextmanager
+def _sqlite_savepoint(cur, name: str) -> Iterator[None]:
+    """A raw SQLite savepoint (microseconds, unlike SQLAlchemy's nested transaction):
+    released if the block succeeds, rolled back and released if it raises."""
+    cur.execute(f"SAVEPOINT {name}")
+    try:
+        yield
+    except BaseException:
+        try:
+            cur.execute(f"ROLLBACK TO {name}")
+            cur.execute(f"RELEASE {name}")
+        except sqlite3.Error:  # SQLite already rolled the whole transaction back
+            pass
+        raise
+    cur.execute(f"RELEASE {name}")
 
 
 def _by_sender(keys) -> dict[int, list[str]]:
@@ -333,30 +351,21 @@ class Repository:
         cache = self._valid_cache()
         cur = self._cursor()
         try:
-            cur.execute("SAVEPOINT store_messages")
-            try:
+            with _sqlite_savepoint(cur, "store_messages"):
                 if cache is None:
-                    outcomes = self._store_messages_once(batch, cap)
-                else:
-                    try:
-                        outcomes = self._store_cached(cur, cache, batch, cap)
-                    except sqlite3.IntegrityError:
-                        cur.execute("ROLLBACK TO store_messages")
-                        cache.clear()
-                        outcomes = self._store_messages_once(batch, cap)
-                cur.execute("RELEASE store_messages")
-                return outcomes
-            except BaseException:
-                if cache is not None:
-                    cache.clear()
+                    return self._store_messages_once(batch, cap)
                 try:
+                    return self._store_cached(cur, cache, batch, cap)
+                except sqlite3.IntegrityError:
                     cur.execute("ROLLBACK TO store_messages")
-                    cur.execute("RELEASE store_messages")
-                except sqlite3.Error:  # SQLite already rolled the whole transaction back
-                    pass
-                raise
-        except sqlite3.Error as exc:
-            raise _sqlite_storage_error(exc) from exc
+                    cache.clear()
+                    return self._store_messages_once(batch, cap)
+        except BaseException as exc:
+            if cache is not None:
+                cache.clear()  # it may hold what was just undone
+            if isinstance(exc, sqlite3.Error):
+                raise _sqlite_storage_error(exc) from exc
+            raise
 
     def _store_cached(self, cur, cache: WriteCache, batch: Sequence[NewMessage], cap: int
                       ) -> list[SendOutcome | ChatError]:
@@ -601,18 +610,9 @@ class Repository:
             try:
                 # One statement per id, prepared once: no IN list to build for 1000 ids.
                 # A statement that fails undoes only itself; the savepoint makes it all or none.
-                cur.execute("SAVEPOINT delete_messages")
-                try:
+                with _sqlite_savepoint(cur, "delete_messages"):
                     cur.executemany(_SQLITE_DELETE_MESSAGE, [(recipient_id, i) for i in ids])
                     deleted = cur.rowcount
-                    cur.execute("RELEASE delete_messages")
-                except BaseException:
-                    try:
-                        cur.execute("ROLLBACK TO delete_messages")
-                        cur.execute("RELEASE delete_messages")
-                    except sqlite3.Error:  # SQLite already rolled the whole transaction back
-                        pass
-                    raise
             except sqlite3.Error as exc:
                 raise _sqlite_storage_error(exc) from exc
             if cache is not None and recipient_id in cache.queued:

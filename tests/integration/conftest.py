@@ -19,7 +19,8 @@ from chatserver.storage.writer import GroupCommitWriter
 
 # Cheap Argon2 parameters for tests only (the default costs 64 MiB and t=3 per hash).
 FAST_HASH = HashParameters(time_cost=1, memory_kib=64, parallelism=1)
-START_MS = 1_700_000_000_000  # the fake clock's first reading (ms since the Unix epoch)
+START_MS = 1_700_000_000_000
+PASSWORD = "correct horse"  # >= 8 characters  # the fake clock's first reading (ms since the Unix epoch)
 
 
 class FakeClock:
@@ -73,3 +74,13 @@ def clock() -> FakeClock:
 @pytest.fixture
 def service(db, writer, hasher, clock) -> ChatService:
     return ChatService(db, writer, hasher, clock=clock.now)
+
+
+@pytest.fixture
+def alice(service):
+    return service.register("Alice", PASSWORD)
+
+
+@pytest.fixture
+def bob(service):
+    return service.register("Bob", PASSWORD)

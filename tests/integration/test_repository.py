@@ -12,7 +12,6 @@ from chatserver.errors import NameTaken
 from chatserver.storage.database import Database
 from chatserver.storage.repository import Repository
 
-
 # -- helpers --------------------------------------------------------------------------------
 
 def add_account(db: Database, name: str, now: int = 1_000) -> Account:

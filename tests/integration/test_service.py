@@ -22,7 +22,7 @@ from chatserver.errors import (
 )
 from chatserver.service import ChatService
 
-PASSWORD = "correct horse"
+from .conftest import PASSWORD
 
 
 def raw(db, sql: str, params: tuple = ()) -> list[tuple]:
@@ -37,14 +37,6 @@ def names(accounts) -> list[str]:
     return [a.name for a in accounts]
 
 
-@pytest.fixture
-def alice(service):
-    return service.register("Alice", PASSWORD)
-
-
-@pytest.fixture
-def bob(service):
-    return service.register("Bob", PASSWORD)
 
 
 # -- register -------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import pytest
 from chatserver.errors import InvalidCredentials, NoSuchAccount, QueueFull
 from chatserver.service import ChatService
 
-PASSWORD = "correct horse"
+from .conftest import PASSWORD
+
 WAIT = 30
 
 
@@ -39,14 +40,6 @@ def count(db, sql: str, params: tuple = ()) -> int:
         conn.close()
 
 
-@pytest.fixture
-def alice(service):
-    return service.register("Alice", PASSWORD)
-
-
-@pytest.fixture
-def bob(service):
-    return service.register("Bob", PASSWORD)
 
 
 def capped(db, writer, hasher, clock, cap: int) -> ChatService:
