@@ -99,7 +99,7 @@ class RawClient:
                 return event
             try:
                 data = self.sock.recv(256 * 1024)
-            except ConnectionResetError:
+            except (ConnectionResetError, BrokenPipeError):
                 data = b""
             if not data:
                 self.eof = True

@@ -14,20 +14,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Self
 
 from chatserver.client import ChatClient, ConnectionLost, ServerError
-from chatserver.protocol import (
-    CLOSED,
-    NEED_DATA,
-    Connection,
-    Event,
-    Hello,
-    Notice,
-    Ping,
-    Push,
-    encode_event,
-)
+from tests.e2e.rawframes import Closed, RawClient
 
 PASSWORD = "reliable password"  # >= 8 characters, as the server requires
 WAIT = 10.0  # bound for anything asynchronous; a guard against hangs, never asserted on
@@ -154,65 +143,12 @@ def error_code(call: Callable[[], object]) -> str:
 
 # -- raw peers ------------------------------------------------------------------------------
 
-class Closed(Exception):
-    """The server closed the connection while a frame was expected."""
-
-
-class RawPeer:
-    """A plain TCP connection speaking frames by hand: no reader thread, no Hello unless asked."""
+class RawPeer(RawClient):
+    """``tests/e2e/rawframes.RawClient`` plus what these tests need: a reset instead of a
+    FIN, and draining raw bytes without decoding them."""
 
     def __init__(self, host: str, port: int, *, timeout: float = WAIT, rcvbuf: int | None = None):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:  # must be set before connecting to shrink the TCP window
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(timeout)
-        self.sock.connect((host, port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.timeout = timeout
-        self.codec = Connection(role="client")
-
-    def send(self, *events: Event) -> None:
-        self.sock.sendall(b"".join(encode_event(e) for e in events))
-
-    def send_bytes(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def next_event(self, timeout: float | None = None):
-        """The next frame from the server; Closed at end of file or reset."""
-        self.sock.settimeout(timeout or self.timeout)
-        while True:
-            event = self.codec.next_event()
-            if event is CLOSED:
-                raise Closed("the server closed the connection")
-            if event is not NEED_DATA:
-                return event
-            try:
-                data = self.sock.recv(256 * 1024)
-            except (ConnectionResetError, BrokenPipeError):
-                data = b""
-            self.codec.receive_data(data)
-
-    def reply(self, timeout: float | None = None):
-        """The next frame that is not a Push, Notice or Ping."""
-        while True:
-            event = self.next_event(timeout)
-            if not isinstance(event, (Push, Notice, Ping)):
-                return event
-
-    def request(self, event: Event):
-        self.send(event)
-        return self.reply()
-
-    def hello(self):
-        return self.request(Hello(request_id=1, version=1, client="reliability"))
-
-    def events_until_closed(self, timeout: float | None = None) -> list:
-        out = []
-        while True:
-            try:
-                out.append(self.next_event(timeout))
-            except Closed:
-                return out
+        super().__init__(host, port, timeout=timeout, rcvbuf=rcvbuf)
 
     def drain_until_closed(self, timeout: float = WAIT) -> int:
         """Read and discard raw bytes until the server closes; how many bytes came."""
@@ -233,18 +169,6 @@ class RawPeer:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
             pass
-        self.close()
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
         self.close()
 
 
