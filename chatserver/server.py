@@ -88,6 +88,8 @@ RECV_BYTES = 256 * 1024  # read big chunks: fewer syscalls when requests are pip
 MAX_PIPELINED_REQUESTS = 1024  # requests of one connection awaiting their replies
 # How long a closing connection may take to get its last replies and write what it has queued.
 SHUTDOWN_FLUSH_SECONDS = 2.0
+# What a stopping server still reads of each connection (whole socket buffers, typically).
+STOP_READ_BYTES = 8 * 1024 * 1024
 ACCEPTS_PER_TURN = 256  # new connections taken per loop turn, so reads are not starved
 WORKER_THREADS = 8  # blocking requests (hashing is also bounded by passwords.py)
 # Room left in a Messages frame for its fixed fields, so a fetch reply never exceeds the limit.
@@ -132,6 +134,7 @@ class ChatConnection:
         self.peer = "%s:%s" % client_address[:2]
         self.codec = Connection(role="server", max_frame_size=server.config.max_frame_size)
         self.account: Account | None = None
+        self._session_lock = threading.Lock()
         self.output = Output(sock, max_bytes=server.config.output_max_bytes,
                              on_blocked=self._output_blocked, on_failed=self._output_failed)
         self.replies = ReplyQueue(self.output.write)
@@ -205,21 +208,21 @@ class ChatConnection:
 
     def _received(self, data: bytes) -> None:
         """Feed what the socket gave (b"" is end of stream) to the codec."""
+        self.last_heard = time.monotonic()
+        self.pinged_at = None
         if self.tls is not None and data:
             try:
-                data, records, tls_closed = self.tls.decrypt(data)
+                plaintext, tls_closed = self.tls.decrypt(data)
             except ssl.SSLError as exc:
                 log.info("TLS error from %s: %s", self.peer, exc)
                 self.close()
                 return
-            if records:
-                self.output.write(records, raw=True)
-            if tls_closed:
-                if data:
-                    self.codec.receive_data(data)
-                data = b""
-        self.last_heard = time.monotonic()
-        self.pinged_at = None
+            self.output.write_pending(self.tls.take_outgoing)
+            if plaintext:  # nothing yet if the bytes ended inside a record
+                self.codec.receive_data(plaintext)
+            if not tls_closed:
+                return
+            data = b""
         if not data:
             self.eof = True
             self._want_read = False
@@ -295,12 +298,11 @@ class ChatConnection:
     def _received_after_handshake(self) -> None:
         """Application data that came in the same reads as the end of the handshake."""
         try:
-            data, records, tls_closed = self.tls.decrypt(b"")
+            data, tls_closed = self.tls.decrypt(b"")
         except ssl.SSLError:
             self.close()
             return
-        if records:
-            self.output.write(records, raw=True)
+        self.output.write_pending(self.tls.take_outgoing)
         if data:
             self.codec.receive_data(data)
         if tls_closed:
@@ -533,11 +535,14 @@ class ChatConnection:
 
         The only request that does not wait for its outcome: many of a connection's sends
         can be in one commit."""
-        slot = self.replies.reserve()
+        account = self.account  # once: another thread may log us out meanwhile
+        if account is None:
+            raise NotLoggedIn("log in first")
         request_id = event.request_id
+        slot = self.replies.reserve()
         try:
             self.server.service.submit_send(
-                self.account, event.to, event.body, event.client_msg_id,
+                account, event.to, event.body, event.client_msg_id,
                 on_done=lambda outcome, error: self._send_done(request_id, slot, outcome, error),
                 inline_if_idle=self._alone())
         except ChatError as exc:
@@ -545,6 +550,10 @@ class ChatConnection:
             self.replies.fill(slot, encode_event(Error(
                 request_id=request_id, code=exc.code, text=exc.message,
                 retry_after_ms=exc.retry_after_ms)))
+        except Exception:  # the slot must be filled whatever happens, or replies stop here
+            log.exception("internal error on Send from %s", self.peer)
+            self.replies.fill(slot, encode_event(Error(
+                request_id=request_id, code="internal_error", text="internal server error")))
 
     def _alone(self) -> bool:
         """Whether the loop has nothing else to do this turn: this connection alone was ready
@@ -625,14 +634,16 @@ class ChatConnection:
     # -- session state (called from other threads too) ---------------------------------
 
     def log_in(self, account: Account) -> None:
-        self.account = account
-        self.server.registry.attach(account.id, self)
+        with self._session_lock:  # against a concurrent log_out (account_deleted)
+            self.account = account
+            self.server.registry.attach(account.id, self)
 
     def log_out(self) -> None:
-        account = self.account
-        if account is not None:
-            self.server.registry.detach(account.id, self)
-            self.account = None
+        with self._session_lock:
+            account = self.account
+            if account is not None:
+                self.server.registry.detach(account.id, self)
+                self.account = None
 
     def push_frame(self, frame: bytes) -> bool:
         """(Any thread.) A push to this session: written now, or queued behind earlier output."""
@@ -671,9 +682,12 @@ class ChatConnection:
             self.pump()
 
     def _read_before_stop(self) -> None:
-        """Requests already in the socket's receive buffer count as received."""
+        """Requests already in the socket's receive buffer count as received (up to
+        STOP_READ_BYTES: a peer that keeps writing must not grow our memory meanwhile)."""
         self._received_before_stop = True
-        while not self.eof and not self.finishing and not self.closed:
+        budget = STOP_READ_BYTES
+        while budget > 0 and not self.eof and not self.finishing and not self.closed:
+            budget -= RECV_BYTES
             try:
                 data = self.sock.recv(RECV_BYTES)
             except (BlockingIOError, InterruptedError):
@@ -893,6 +907,11 @@ class ChatServer:
                 if now - connection.opened_at > tls.HANDSHAKE_TIMEOUT:
                     log.info("TLS handshake with %s failed: timed out", connection.peer)
                     connection.close()
+                continue
+            if interval and connection.output.stalled_for(now) >= interval:
+                # The peer has taken none of its output for a heartbeat interval.
+                log.info("%s reads nothing, closing", connection.peer)
+                connection.close()
                 continue
             if not interval or connection.busy or connection.replies.outstanding:
                 continue  # the peer waits for us: its silence is no sign of trouble

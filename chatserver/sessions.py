@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,22 +50,26 @@ class Output:
 
     ``write`` sends at once if nothing is queued before it; what the socket does not take
     is queued and ``on_blocked`` asks the I/O loop to call ``flush`` when it is writable.
-    ``on_failed`` is called (once) when the connection must end: the peer is gone, or it
-    let more than ``max_bytes`` pile up.
+    ``on_failed`` is called (once) when the connection must end: the peer is gone, or more
+    than ``max_bytes`` are still queued after offering them to the socket.
     """
 
     def __init__(self, sock: socket.socket, *, max_bytes: int = OUTPUT_MAX_BYTES,
-                 on_blocked: Callable[[], None], on_failed: Callable[[], None]):
+                 on_blocked: Callable[[], None], on_failed: Callable[[], None],
+                 clock: Callable[[], float] = time.monotonic):
         self._sock = sock
         self._max_bytes = max_bytes
         self._on_blocked = on_blocked
         self._on_failed = on_failed
+        self._clock = clock
         self._queue: deque[bytes] = deque()
         self._queued = 0
         self._lock = threading.Lock()
         self._failed = False
         self._closed = False
         self._corked = False  # a thread holds our queue for a while (see ``corked``)
+        self._waiting = False  # on_blocked was called and no flush has emptied us since
+        self._stuck_since: float | None = None  # queue non-empty and no byte taken since
         # Set once TLS is up; applied under the lock so records go out in the order made.
         self.encrypt: Callable[[bytes], bytes] | None = None
 
@@ -73,44 +78,51 @@ class Output:
         """Bytes queued, not yet taken by the socket."""
         return self._queued
 
+    def stalled_for(self, now: float) -> float:
+        """Seconds the socket has taken none of what is queued (0 if nothing is)."""
+        since = self._stuck_since
+        return 0.0 if since is None or not self._queue else now - since
+
     def write(self, data: bytes, *, raw: bool = False) -> bool:
         """Send or queue ``data``; False if the connection is over (or now dropped).
 
         ``raw`` skips encryption (TLS handshake records and alerts).
         """
-        blocked = failed = False
+        return self._write(lambda: data, raw)
+
+    def write_pending(self, take: Callable[[], bytes]) -> bool:
+        """Write what ``take()`` returns, calling it under the lock: TLS records that a read
+        produced (``TlsSession.take_outgoing``) then go out before any record encrypted
+        after them."""
+        return self._write(take, True)
+
+    def _write(self, produce: Callable[[], bytes], raw: bool) -> bool:
         with self._lock:
             if self._failed or self._closed:
                 return False
+            data = produce()
             if self.encrypt is not None and not raw:
                 data = self.encrypt(data)
-                if not data:
-                    return True
+            if not data:
+                return True
             held = getattr(_corks, "held", None)
-            if held is not None and not self._queue:
+            if held is not None and not self._queue and not self._corked:
                 self._corked = True
                 held.append(self)
-            if self._queue or self._corked:
-                if self._queued + len(data) > self._max_bytes:
-                    log.warning("dropping a connection that does not read (%d bytes queued)",
-                                self._queued)
-                    failed = self._fail()
-                else:
-                    self._queue.append(data)
-                    self._queued += len(data)
-            else:
-                try:
-                    sent = self._sock.send(data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:  # the peer is gone
-                    sent = -1
-                    failed = self._fail()
-                if 0 <= sent < len(data):
-                    rest = data[sent:]
-                    self._queue.append(rest)
-                    self._queued += len(rest)
-                    blocked = True
+            self._queue.append(data)
+            self._queued += len(data)
+            if self._stuck_since is None:
+                self._stuck_since = self._clock()
+            if self._corked and self._queued < WRITE_BATCH_BYTES:
+                return True  # the corking thread sends it, with what follows
+            failed = self._send_locked()
+            if not failed and self._queued > self._max_bytes:
+                log.warning("dropping a connection that does not read (%d bytes queued)",
+                            self._queued)
+                failed = self._fail()
+            blocked = bool(self._queue) and not self._corked and not self._waiting and not failed
+            if blocked:
+                self._waiting = True
         if failed:
             self._on_failed()
             return False
@@ -119,35 +131,25 @@ class Output:
         return True
 
     def uncork(self) -> None:
-        """Send what a ``corked`` block held (or queue it for the loop, like ``write``)."""
+        """Send what a ``corked`` block held (or leave it for the loop, like ``write``)."""
         with self._lock:
             self._corked = False
-        if not self.flush():
+            failed = self._send_locked()
+            blocked = bool(self._queue) and not self._waiting and not failed
+            if blocked:
+                self._waiting = True
+        if failed:
+            self._on_failed()
+        elif blocked:
             self._on_blocked()
 
     def flush(self) -> bool:
         """Send what is queued, as far as the socket takes it; True once nothing is left."""
-        failed = False
         with self._lock:
-            while self._queue and not self._failed and not self._closed:
-                batch, size = [], 0
-                while self._queue and size < WRITE_BATCH_BYTES:
-                    chunk = self._queue.popleft()
-                    batch.append(chunk)
-                    size += len(chunk)
-                data = b"".join(batch) if len(batch) > 1 else batch[0]
-                try:
-                    sent = self._sock.send(data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:
-                    failed = self._fail()
-                    break
-                self._queued -= sent
-                if sent < len(data):
-                    self._queue.appendleft(data[sent:])
-                    break
+            failed = self._send_locked()
             done = not self._queue
+            if done:
+                self._waiting = False
         if failed:
             self._on_failed()
         return done
@@ -158,6 +160,29 @@ class Output:
             self._closed = True
             self._queue.clear()
             self._queued = 0
+
+    def _send_locked(self) -> bool:
+        """Offer the queue to the socket (lock held); True if the connection just failed."""
+        while self._queue and not self._failed and not self._closed:
+            batch, size = [], 0
+            while self._queue and size < WRITE_BATCH_BYTES:
+                chunk = self._queue.popleft()
+                batch.append(chunk)
+                size += len(chunk)
+            data = b"".join(batch) if len(batch) > 1 else batch[0]
+            try:
+                sent = self._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # the peer is gone
+                return self._fail()
+            if sent:
+                self._queued -= sent
+                self._stuck_since = self._clock() if sent < len(data) else None
+            if sent < len(data):
+                self._queue.appendleft(data[sent:])
+                return False
+        return False
 
     def _fail(self) -> bool:
         """Give up on the connection (call with the lock held); True the first time."""

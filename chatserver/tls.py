@@ -169,8 +169,10 @@ class TlsSession:
                 done = False
             return done, self._outgoing.read()
 
-    def decrypt(self, received: bytes) -> tuple[bytes, bytes, bool]:
-        """Feed records: (plaintext, records to send back, peer closed TLS)."""
+    def decrypt(self, received: bytes) -> tuple[bytes, bool]:
+        """Feed records: (plaintext, peer closed TLS). The plaintext may be empty (a record
+        not complete yet). Records the read produced (a reply to a key update) wait in the
+        outgoing buffer: send them with ``take_outgoing`` before anything encrypted later."""
         chunks = []
         closed = False
         with self._lock:
@@ -187,7 +189,7 @@ class TlsSession:
                     closed = True
                     break
                 chunks.append(data)
-            return b"".join(chunks), self._outgoing.read(), closed
+            return b"".join(chunks), closed
 
     def encrypt(self, data: bytes) -> bytes:
         with self._lock:

@@ -87,3 +87,23 @@ def test_slow_consumer_is_dropped_memory_stays_bounded_and_nothing_is_lost(start
           f"{statistics.median(during) * 1000:.1f} ms during the flood "
           f"(max {max(during) * 1000:.1f} ms, {len(during)} rounds); slow peer read "
           f"{received} bytes before the close")
+
+
+def test_a_reader_is_never_dropped_for_a_burst_that_one_commit_holds(start_server):
+    """300 pipelined sends of 60 KB (18 MB) to a recipient that reads all the time: a commit
+    of that many pushes holds them for one write per connection, and holding them must not
+    count against the recipient's 4 MiB limit (only what its socket refuses does)."""
+    server = start_server("--send-rate", "0", "--max-queued-per-account", "0")
+    with server.client(timeout=WAIT * 3) as reader, server.client(timeout=WAIT * 3) as sender:
+        reader.register("reader", PASSWORD)  # its reader thread reads all the time
+        sender.register("sender", PASSWORD)
+        body = "r" * 60_000
+        futures = [sender.submit(lambda rid, i=i: Send(request_id=rid, to="reader",
+                                                       client_msg_id=f"b{i}", body=f"{i} {body}"))
+                   for i in range(300)]
+        replies = [future.result(WAIT * 3) for future in futures]
+        assert all(reply.pushed for reply in replies)
+        pushed = [reader.pushes.get(timeout=WAIT).message.id for _ in range(300)]
+        assert pushed == [reply.message_id for reply in replies]
+        assert not reader.closed
+    assert "dropping a connection that does not read" not in server.log

@@ -1,0 +1,44 @@
+"""A bug in the server's own code while serving a Send (an unexpected exception, not a
+refusal) costs that request an ``internal_error`` reply, never the connection: the replies
+after it still come, in order. (A Send reserves its reply's place before it is queued; a
+place left empty would hold back every later reply of the connection.)"""
+
+from __future__ import annotations
+
+from chatserver.app import ChatApp
+from chatserver.passwords import HashParameters
+from chatserver.protocol import Error, LoggedIn, Ping, Pong, Register, Send, Sent
+from chatserver.server import ServerConfig
+
+from .helpers import PASSWORD, RawPeer
+
+
+def test_an_unexpected_error_in_a_send_is_an_internal_error_reply_and_nothing_more(tmp_path):
+    app = ChatApp(str(tmp_path / "c.db"), ServerConfig(port=0, registrations_per_hour=0),
+                  hash_params=HashParameters(time_cost=1, memory_kib=64, parallelism=1))
+    app.start()
+    try:
+        host, port = app.address
+        with RawPeer(host, port) as peer:
+            peer.hello()
+            assert isinstance(peer.request(Register(request_id=2, name="alice",
+                                                    password=PASSWORD)), LoggedIn)
+            real_submit = app.service.submit_send
+            calls = []
+
+            def broken(*args, **kwargs):
+                calls.append(args)
+                if len(calls) == 1:
+                    raise RuntimeError("a bug")
+                return real_submit(*args, **kwargs)
+
+            app.service.submit_send = broken
+            peer.send(Send(request_id=3, to="alice", body="first"),
+                      Send(request_id=4, to="alice", body="second"),
+                      Ping(nonce=5))
+            first, second, pong = peer.reply(), peer.reply(), peer.reply()  # (pushes skipped)
+        assert isinstance(first, Error) and (first.request_id, first.code) == (3, "internal_error")
+        assert isinstance(second, Sent) and second.request_id == 4
+        assert pong == Pong(nonce=5)
+    finally:
+        app.stop()
