@@ -66,12 +66,34 @@ def _configure_sqlite(engine: Engine, sync: str, begin_sql: str) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
+        if conn.info.pop(_BEGUN, False):  # try_begin_now took the lock already
+            return
         # Straight to the driver: exec_driver_sql's machinery cost more than the BEGIN
         # itself, once per write batch. Errors are wrapped as SQLAlchemy would wrap them.
         try:
             conn.connection.driver_connection.execute(begin_sql)
         except sqlite3.Error as exc:
             raise DBAPIError.instance(begin_sql, (), exc, sqlite3.Error) from exc
+
+
+_BEGUN = "chat_begun"  # Connection.info flag: the next begin() is already under way
+
+
+def try_begin_now(conn) -> bool:
+    """SQLite: take the write lock now if it is free (BEGIN IMMEDIATE without waiting), so
+    that the next ``conn.begin()`` runs in it; False, and nothing begun, if another
+    connection holds it. For a caller that must not wait out the busy timeout (the I/O
+    loop committing a send inline: it would stall every connection)."""
+    raw = conn.connection.driver_connection
+    raw.execute("PRAGMA busy_timeout = 0")
+    try:
+        raw.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError:  # SQLITE_BUSY / locked
+        return False
+    finally:
+        raw.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.info[_BEGUN] = True
+    return True
 
 
 PRIVATE_FILE_MODE = 0o600  # messages and password hashes are nobody else's business

@@ -10,7 +10,9 @@ only after the commit that contains it, so whoever waits on it knows its write i
 A send submitted while nothing else is being written (``submit_callback`` with the writer
 idle) is committed on the submitting thread instead, under the same lock: one client
 waiting for each reply then pays no hand-off to the writer thread and back. Jobs submitted
-meanwhile queue for the thread as usual, so the order of writes is the order of submission.
+meanwhile queue for the thread as usual. If another process holds SQLite's write lock at
+that moment, the job goes to the writer thread (which waits for the lock) instead of
+making the submitting thread wait.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from chatserver.errors import ChatError, ShuttingDown, StorageUnavailable
-from chatserver.storage.database import storage_errors
+from chatserver.storage.database import storage_errors, try_begin_now
 from chatserver.storage.repository import Repository, WriteCache
 
 T = TypeVar("T")
@@ -57,6 +59,7 @@ class GroupCommitWriter:
         self._in_flight = 0  # jobs submitted and not yet resolved
         self._db_lock = threading.Lock()  # held by whichever thread writes (see module doc)
         self._conn = None
+        self._inline_capable = engine.dialect.name == "sqlite"
         self._thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
         self._thread.start()
 
@@ -91,11 +94,14 @@ class GroupCommitWriter:
                 self._queue.put(item)
         if inline:
             try:
-                self._execute([item])
+                done = self._execute_inline(item)
             finally:
                 self._db_lock.release()
+            if done:
                 with self._lock:
                     self._in_flight -= 1
+            else:  # another process holds the write lock: the writer thread waits for it
+                self._queue.put(item)
 
     def run(self, job: Callable[[Repository], T]) -> T:
         """Submit a job and wait for its committed result (or its exception)."""
@@ -134,6 +140,22 @@ class GroupCommitWriter:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+    def _execute_inline(self, item) -> bool:
+        """Commit one job on the calling thread (``_db_lock`` held) if the database's write
+        lock is free now; False if it is not (nothing done). SQLite only: elsewhere the
+        lock cannot be tried without waiting, and the job goes to the writer thread."""
+        if not self._inline_capable:
+            return False
+        try:
+            if self._conn is None:
+                self._conn = self._engine.connect()
+            if not try_begin_now(self._conn):
+                return False
+        except Exception:  # let the writer thread meet (and report) the failure
+            return False
+        self._execute([item])
+        return True
 
     def _execute(self, batch) -> None:
         """Commit a batch and resolve its jobs (with ``_db_lock`` held)."""

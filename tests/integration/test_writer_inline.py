@@ -101,3 +101,31 @@ def test_inline_job_refused_reports_its_error_and_the_writer_goes_on(db, writer)
     assert type(results[1]).__name__ == "NameTaken"
     writer.run(add("dave"))  # the writer thread still works after inline commits
     assert committed_names(db) == ["carol", "dave"]
+
+
+def test_write_lock_held_by_another_process_sends_the_job_to_the_writer_thread(db, writer):
+    """An inline commit must never wait for another process's write lock (the caller is the
+    I/O loop): the job goes to the writer thread, which waits, and commits it after."""
+    other = sqlite3.connect(db.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # e.g. chat admin in the middle of a write
+    try:
+        finished = threading.Event()
+        seen = {}
+
+        def done(result, error):
+            seen.update(thread=threading.get_ident(), error=error)
+            finished.set()
+
+        writer.submit_callback(add("erin"), done, inline_if_idle=True)
+        # returned without waiting for the lock, and without committing
+        assert not finished.is_set()
+        other.execute("COMMIT")
+        assert finished.wait(WAIT)
+        assert seen["thread"] != threading.get_ident() and seen["error"] is None
+        assert committed_names(db) == ["erin"]
+        # and the next inline job, with the lock free, is committed inline again
+        writer.submit_callback(add("frank"), lambda r, e: seen.update(again=threading.get_ident()),
+                               inline_if_idle=True)
+        assert seen["again"] == threading.get_ident()
+    finally:
+        other.close()
