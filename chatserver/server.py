@@ -149,7 +149,7 @@ class ChatConnection:
         self.finishing = False  # no more requests: last replies, flush, close
         self.closed = False
         self.notice_sent = False
-        self._received_before_stop = False
+        self._read_left = False  # _read_what_is_left has run
         self._mask = 0
         self._want_read = True
         self._want_write = False
@@ -328,8 +328,8 @@ class ChatConnection:
         if self.finishing:
             self._finish_step()
             return
-        if self.stopping and not self._received_before_stop and not self.gone:
-            self._read_before_stop()
+        if (self.stopping or self.gone) and not self._read_left and not self.handshaking:
+            self._read_what_is_left()
             if self.closed:
                 return
         while True:
@@ -681,10 +681,12 @@ class ChatConnection:
         if not self.busy:  # else the worker's hand-back comes to pump
             self.pump()
 
-    def _read_before_stop(self) -> None:
-        """Requests already in the socket's receive buffer count as received (up to
-        STOP_READ_BYTES: a peer that keeps writing must not grow our memory meanwhile)."""
-        self._received_before_stop = True
+    def _read_what_is_left(self) -> None:
+        """Before a connection ends (server stopping, peer gone): requests already in the
+        socket's receive buffer count as received (up to STOP_READ_BYTES: a peer that keeps
+        writing must not grow our memory meanwhile). A reset peer's data that arrived before
+        its reset is still read, so the sends it wrote before vanishing are stored."""
+        self._read_left = True
         budget = STOP_READ_BYTES
         while budget > 0 and not self.eof and not self.finishing and not self.closed:
             budget -= RECV_BYTES
@@ -692,9 +694,9 @@ class ChatConnection:
                 data = self.sock.recv(RECV_BYTES)
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError:
-                self.close()
-                return
+            except OSError:  # reset: what came before it has been read
+                self.gone = True
+                break
             self._received(data)
         self._want_read = False
 
