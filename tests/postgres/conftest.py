@@ -38,7 +38,9 @@ from chatserver.storage.database import Database
 from chatserver.storage.migrate import ensure_schema
 from chatserver.storage.writer import GroupCommitWriter
 from tests.conftest import ServerProcess
-from tests.integration.conftest import FAST_HASH, FakeClock
+
+# alice and bob: the account fixtures of the contract suites (tests/postgres/contract.py)
+from tests.integration.conftest import FAST_HASH, FakeClock, alice, bob  # noqa: F401
 
 ENV_VAR = "CHAT_TEST_POSTGRES_URL"
 SKIP_REASON = (f"{ENV_VAR} is not set: no PostgreSQL server to test against "
