@@ -377,15 +377,11 @@ class ChatConnection:
 
     def dispatch(self, event) -> None:
         kind = type(event)
-        if kind is Send:
-            self._dispatch_inline(event)
-        elif kind is Ping:
+        if kind is Ping:
             self.send(Pong(nonce=event.nonce))  # in order with the replies, like one
-        elif kind is Pong:
+        elif kind is Pong or self._refused(event):
             pass
         elif kind in _BLOCKING:
-            if self._refused(event):
-                return
             self.busy = True
             self._want_read = False
             try:
@@ -393,8 +389,8 @@ class ChatConnection:
             except RuntimeError:  # the pool is shut down: the server is stopping
                 self.busy = False
                 self.reply_error(event.request_id, "shutting_down", "the server is stopping")
-        else:
-            self._dispatch_inline(event)
+        else:  # Send, Hello, Logout: answered here, on the loop
+            self._answer(event)
 
     def _refused(self, event) -> bool:
         """Reply with the error if the request is not allowed in the login state."""
@@ -407,10 +403,6 @@ class ChatConnection:
             return False
         self.reply_error(event.request_id, refusal.code, refusal.message)
         return True
-
-    def _dispatch_inline(self, event) -> None:
-        if not self._refused(event):
-            self._answer(event)
 
     def _serve_blocking(self, event) -> None:
         """(A worker thread.) Serve a blocking request, and the blocking requests pipelined
@@ -830,10 +822,6 @@ class ChatServer:
     def open_connections(self) -> list[ChatConnection]:
         with self._lock:
             return list(self._admitted)
-
-    def connection_count(self) -> int:
-        with self._lock:
-            return len(self._admitted)
 
     def end_sessions_of_deleted_accounts(self) -> int:
         """Log out sessions whose account no longer exists (deleted by ``chat admin`` or by
