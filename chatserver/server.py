@@ -852,6 +852,7 @@ class ChatServer:
             self.loop.run()
         finally:
             self._close_everything()
+            self.loop.close()  # its selector and wake-up sockets
             self._loop_done.set()
 
     def _on_acceptable(self, _mask: int) -> None:

@@ -84,6 +84,25 @@ def _result(name: str, ops: int, seconds: float, hist: Histogram | None, unit: s
             "other_cpu_pct": others.pct() if others is not None else None}
 
 
+def _timed(name: str, unit: str, seconds: float, step) -> dict:
+    """Repeat ``step() -> units done`` for ``seconds`` (or until it does none); a result
+    with the latency of each step."""
+    hist = Histogram()
+    count = 0
+    others = _Others()
+    start = t = now_ns()
+    stop = start + int(seconds * 1e9)
+    while t < stop:
+        done_units = step()
+        done = now_ns()
+        if not done_units:
+            break
+        hist.record(done - t)
+        t = done
+        count += done_units
+    return _result(name, count, (t - start) / 1e9, hist, unit, others)
+
+
 def _open(path: str, sync: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -99,67 +118,34 @@ def sqlite_limits(sync: str, seconds: float = 2.0, directory: str | None = None)
         conn = _open(os.path.join(tmp, "limits.db"), sync)
         try:
             conn.executescript(_SCHEMA)
-            results = []
-            # One row per transaction.
-            hist = Histogram()
-            ops = 0
-            others = _Others()
-            start = now_ns()
-            stop = start + int(seconds * 1e9)
-            t = start
-            while t < stop:
+            def one_commit() -> int:
                 conn.execute("BEGIN IMMEDIATE")
-                conn.execute(_INSERT, (t, _BODY))
+                conn.execute(_INSERT, (now_ns(), _BODY))
                 conn.execute("COMMIT")
-                done = now_ns()
-                hist.record(done - t)
-                t = done
-                ops += 1
-            results.append(_result(f"sqlite commit ({sync})", ops, (t - start) / 1e9, hist,
-                                   "commits", others))
-            # 1,000 rows per transaction.
-            hist = Histogram()
-            rows = 0
-            others = _Others()
-            start = now_ns()
-            stop = start + int(seconds * 1e9)
-            t = start
-            while t < stop:
-                batch = [(t, _BODY)] * 1000
+                return 1
+
+            def insert_1000() -> int:
                 conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(_INSERT, batch)
+                conn.executemany(_INSERT, [(now_ns(), _BODY)] * 1000)
                 conn.execute("COMMIT")
-                done = now_ns()
-                hist.record(done - t)
-                t = done
-                rows += len(batch)
-            results.append(_result(f"sqlite insert x1000 ({sync})", rows, (t - start) / 1e9,
-                                   hist, "rows", others))
-            # Drain what is there: oldest 1,000 of the recipient, delete by id, commit.
-            hist = Histogram()
-            rows = 0
-            others = _Others()
-            start = now_ns()
-            stop = start + int(seconds * 1e9)
-            t = start
-            while t < stop:
+                return 1000
+
+            def drain_1000() -> int:  # oldest 1,000 of the recipient, delete by id, commit
                 conn.execute("BEGIN IMMEDIATE")
                 ids = [r[0] for r in conn.execute(
                     "SELECT id, sender_name, recipient_id, sent_at, body FROM messages "
                     "WHERE recipient_id = 2 ORDER BY id LIMIT 1000")]
-                if not ids:
-                    conn.execute("COMMIT")
-                    break
-                conn.execute(f"DELETE FROM messages WHERE recipient_id = 2 AND id IN "
-                             f"({','.join('?' * len(ids))})", ids)
+                if ids:
+                    conn.execute(f"DELETE FROM messages WHERE recipient_id = 2 AND id IN "
+                                 f"({','.join('?' * len(ids))})", ids)
                 conn.execute("COMMIT")
-                done = now_ns()
-                hist.record(done - t)
-                t = done
-                rows += len(ids)
-            results.append(_result(f"sqlite fetch+delete x1000 ({sync})", rows,
-                                   (t - start) / 1e9, hist, "rows", others))
-            return results
+                return len(ids)
+
+            return [
+                _timed(f"sqlite commit ({sync})", "commits", seconds, one_commit),
+                _timed(f"sqlite insert x1000 ({sync})", "rows", seconds, insert_1000),
+                _timed(f"sqlite fetch+delete x1000 ({sync})", "rows", seconds, drain_1000),
+            ]
         finally:
             conn.close()
 

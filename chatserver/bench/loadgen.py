@@ -150,6 +150,11 @@ class Sender(Role):
         return True
 
     def on_reply(self, event, tag, sent_ns, now):
+        self._count_reply(event, sent_ns, now)
+        self._send(now)
+        self._check_done()
+
+    def _count_reply(self, event, sent_ns, now) -> None:
         worker = self.worker
         self.answered += 1
         worker.hist.record(now - sent_ns)
@@ -161,8 +166,6 @@ class Sender(Role):
         else:
             self.error(event)
         worker.progress_ops += 1
-        self._send(now)
-        self._check_done()
 
     def _check_done(self) -> None:
         if self.answered >= self.sent and not self.conn.inflight:
@@ -195,17 +198,7 @@ class RateSender(Sender):
         return self.next_due
 
     def on_reply(self, event, tag, sent_ns, now):
-        worker = self.worker
-        self.answered += 1
-        worker.hist.record(now - sent_ns)
-        worker.last_ns = now
-        if type(event) is Sent:
-            worker.ops += 1
-            if event.pushed:
-                worker.pushed += 1
-        else:
-            self.error(event)
-        worker.progress_ops += 1
+        self._count_reply(event, sent_ns, now)
         if self.sent >= self.count or now >= self.worker.end_ns:
             self._check_done()
 

@@ -33,14 +33,20 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import NullPool
 
 from chatserver.passwords import PasswordHasher
-from chatserver.service import ChatService
 from chatserver.storage.database import Database
 from chatserver.storage.migrate import ensure_schema
-from chatserver.storage.writer import GroupCommitWriter
 from tests.conftest import ServerProcess
 
-# alice and bob: the account fixtures of the contract suites (tests/postgres/contract.py)
-from tests.integration.conftest import FAST_HASH, FakeClock, alice, bob  # noqa: F401
+# The service fixtures of tests/integration, here over this directory's PostgreSQL ``db``
+# (pytest resolves their ``db`` where they are used); alice and bob for the contract suites.
+from tests.integration.conftest import (  # noqa: F401
+    FAST_HASH,
+    alice,
+    bob,
+    clock,
+    service,
+    writer,
+)
 
 ENV_VAR = "CHAT_TEST_POSTGRES_URL"
 SKIP_REASON = (f"{ENV_VAR} is not set: no PostgreSQL server to test against "
@@ -172,23 +178,6 @@ def db(pg_url) -> Iterator[Database]:
 @pytest.fixture(scope="session")
 def hasher() -> PasswordHasher:
     return PasswordHasher(FAST_HASH)
-
-
-@pytest.fixture
-def writer(db) -> Iterator[GroupCommitWriter]:
-    w = GroupCommitWriter(db.write_engine)
-    yield w
-    w.close()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def service(db, writer, hasher, clock) -> ChatService:
-    return ChatService(db, writer, hasher, clock=clock.now)
 
 
 def raw(db: Database, sql: str, params: tuple = ()) -> list[tuple]:
