@@ -120,9 +120,7 @@ class Output:
                 log.warning("dropping a connection that does not read (%d bytes queued)",
                             self._queued)
                 failed = self._fail()
-            blocked = bool(self._queue) and not self._corked and not self._waiting and not failed
-            if blocked:
-                self._waiting = True
+            blocked = not failed and self._ask_loop_locked()
         if failed:
             self._on_failed()
             return False
@@ -135,9 +133,7 @@ class Output:
         with self._lock:
             self._corked = False
             failed = self._send_locked()
-            blocked = bool(self._queue) and not self._waiting and not failed
-            if blocked:
-                self._waiting = True
+            blocked = not failed and self._ask_loop_locked()
         if failed:
             self._on_failed()
         elif blocked:
@@ -160,6 +156,14 @@ class Output:
             self._closed = True
             self._queue.clear()
             self._queued = 0
+
+    def _ask_loop_locked(self) -> bool:
+        """Whether the loop must be asked to flush when writable (lock held): something is
+        left, no corking thread will send it, and the loop has not been asked already."""
+        if not self._queue or self._corked or self._waiting:
+            return False
+        self._waiting = True
+        return True
 
     def _send_locked(self) -> bool:
         """Offer the queue to the socket (lock held); True if the connection just failed."""
