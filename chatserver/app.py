@@ -15,6 +15,7 @@ from chatserver.service import ChatService
 from chatserver.sessions import corked
 from chatserver.storage.database import Database, create_private_file
 from chatserver.storage.migrate import ensure_schema
+from chatserver.storage.checkpointer import Checkpointer
 from chatserver.storage.writer import GroupCommitWriter
 
 log = logging.getLogger("chatserver")
@@ -35,11 +36,13 @@ class ChatApp:
             log.info("created database %s (readable by its owner only)", self.db.path)
         self.metrics = Metrics()
         self.metrics_port: int | None = None
+        self.checkpointer: Checkpointer | None = None
         try:
             ensure_schema(self.db, allow_upgrade=migrate)
             self.db.enable_wal()
-            self.writer = GroupCommitWriter(self.db.write_engine,
-                                            on_commit=self.metrics.observe_commit,
+            # SQLite: checkpoints off the commit path (see storage/checkpointer.py).
+            self.checkpointer = Checkpointer(self.db.write_engine) if self.db.is_sqlite else None
+            self.writer = GroupCommitWriter(self.db.write_engine, on_commit=self._committed,
                                             results_context=corked)
             self.service = ChatService(
                 self.db, self.writer, PasswordHasher(hash_params),
@@ -51,12 +54,20 @@ class ChatApp:
             if metrics_port is not None:
                 self.metrics_port = serve_metrics(self.metrics, metrics_port)
         except BaseException:
+            if self.checkpointer is not None:
+                self.checkpointer.close()
             self.db.dispose()
             raise
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._stop_lock = threading.Lock()
         self._stopped = False
+
+    def _committed(self, jobs: int, seconds: float) -> None:
+        """(The committing thread.) Count the commit; let the checkpointer copy it."""
+        self.metrics.observe_commit(jobs, seconds)
+        if self.checkpointer is not None:
+            self.checkpointer.poke()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -90,5 +101,7 @@ class ChatApp:
         self._stopping.set()
         self.server.stop(timeout)
         self.writer.close(timeout)
+        if self.checkpointer is not None:
+            self.checkpointer.close(timeout)
         self.db.dispose()
         log.info("stopped")

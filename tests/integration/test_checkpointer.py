@@ -1,0 +1,106 @@
+"""The WAL checkpointer on a real SQLite file: it copies committed frames into the database
+file when poked, and the WAL stays bounded while a writer never pauses.
+
+"In the database file" is observed by opening the file with ``immutable=1``: SQLite then
+reads the main file alone and ignores the WAL, so a row shows there only once a checkpoint
+has copied it.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+
+from chatserver.storage.checkpointer import Checkpointer
+from chatserver.storage.writer import GroupCommitWriter
+
+WAIT = 30  # seconds; only a bound on hangs, never an assertion about speed
+PAGE = 4096
+AUTOCHECKPOINT_PAGES = 1000  # SQLite's default, which the writer keeps
+
+
+def names_in_main_file(path: str) -> set[str]:
+    conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    try:
+        return {r[0] for r in conn.execute("SELECT name FROM accounts")}
+    finally:
+        conn.close()
+
+
+def add(name: str, hash_size: int = 8):
+    def job(repo):
+        return repo.add_account(name, name.casefold(), "h" * hash_size, 1).id
+    return job
+
+
+def wait_until(condition) -> bool:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_poke_copies_committed_rows_into_the_database_file(db):
+    db.enable_wal()
+    with sqlite3.connect(db.path) as conn:  # the schema itself into the file first
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    writer = GroupCommitWriter(db.write_engine)
+    try:
+        for name in ("ann", "bob", "cy"):
+            writer.run(add(name))
+        # Committed (in the WAL), far below the automatic checkpoint: not in the file yet.
+        assert names_in_main_file(db.path) == set()
+        checkpointer = Checkpointer(db.write_engine)
+        try:
+            checkpointer.poke()
+            assert wait_until(lambda: names_in_main_file(db.path) == {"ann", "bob", "cy"})
+            assert checkpointer.checkpoints >= 1
+        finally:
+            checkpointer.close()
+    finally:
+        writer.close()
+
+
+def test_the_wal_stays_bounded_while_the_writer_never_pauses(db):
+    """A passive checkpoint alone never lets the WAL restart under a writer that never
+    pauses; the writer's own automatic checkpoint must still bound it."""
+    db.enable_wal()
+    checkpointer = Checkpointer(db.write_engine, interval=0.001)
+    writer = GroupCommitWriter(db.write_engine, on_commit=lambda _n, _s: checkpointer.poke())
+    largest = 0
+    try:
+        for i in range(3000):  # >= 2 pages a commit: 6,000+ pages, 6x the threshold
+            writer.run(add(f"user{i}", hash_size=200))
+            if i % 100 == 0:
+                largest = max(largest, os.path.getsize(db.path + "-wal"))
+        largest = max(largest, os.path.getsize(db.path + "-wal"))
+        assert checkpointer.checkpoints >= 1
+    finally:
+        writer.close()
+        checkpointer.close()
+    assert largest <= 3 * AUTOCHECKPOINT_PAGES * (PAGE + 24)
+
+
+def test_close_stops_the_thread_and_can_be_called_twice(db):
+    db.enable_wal()
+    checkpointer = Checkpointer(db.write_engine)
+    checkpointer.poke()
+    checkpointer.close()
+    assert not checkpointer._thread.is_alive()
+    checkpointer.close()
+    checkpointer.poke()  # after close: harmless
+
+
+def test_the_server_app_checkpoints_sqlite(tmp_path):
+    from chatserver.app import ChatApp
+    from chatserver.server import ServerConfig
+
+    app = ChatApp(str(tmp_path / "chat.db"), ServerConfig(host="127.0.0.1", port=0))
+    try:
+        assert app.checkpointer is not None
+    finally:
+        app.stop()
+    assert not app.checkpointer._thread.is_alive()
