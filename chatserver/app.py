@@ -13,9 +13,9 @@ from chatserver.passwords import HashParameters, PasswordHasher
 from chatserver.server import ChatServer, ServerConfig
 from chatserver.service import ChatService
 from chatserver.sessions import corked
+from chatserver.storage.checkpointer import Checkpointer
 from chatserver.storage.database import Database, create_private_file
 from chatserver.storage.migrate import ensure_schema
-from chatserver.storage.checkpointer import Checkpointer
 from chatserver.storage.writer import GroupCommitWriter
 
 log = logging.getLogger("chatserver")

@@ -73,11 +73,11 @@ class Checkpointer:
             raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             self.checkpoints += 1
             return raw
-        except Exception as exc:  # the disk is full, the file unreadable: try again later
+        except Exception as exc:  # noqa: BLE001 - disk full, file unreadable: try again later
             log.warning("WAL checkpoint failed: %s", exc)
             if raw is not None:
                 try:
                     raw.invalidate()
-                except Exception:  # noqa: BLE001 - a broken connection: just drop it
+                except Exception:  # noqa: BLE001, S110 - a broken connection: just drop it
                     pass
             return None
