@@ -32,9 +32,10 @@ def corked() -> Iterator[None]:
     """Hold this thread's writes until the block ends, then send each socket's in one go.
 
     The database writer resolves a whole commit's sends inside one: the replies and pushes
-    of a batch cost one ``send`` per connection instead of one per frame.
+    of a batch cost one ``send`` per connection instead of one per frame, and a connection's
+    replies are put in order once per batch (``ReplyQueue.fill``) instead of once per send.
     """
-    held: list[Output] = []
+    held: list[Output | ReplyQueue] = []
     outer = getattr(_corks, "held", None)
     _corks.held = held
     try:
@@ -215,6 +216,7 @@ class ReplyQueue:
         self._slots: deque[list] = deque()
         self._lock = threading.Lock()
         self._waiter: tuple[int, Callable[[], None]] | None = None
+        self._held = False  # in the current corked block's list (see ``fill``)
 
     @property
     def outstanding(self) -> int:
@@ -237,19 +239,46 @@ class ReplyQueue:
         return slot
 
     def fill(self, slot: list, frame: bytes) -> None:
-        waiter = None
+        """The reply of a reserved slot: written with the ready ones after it, once every
+        earlier slot is filled. Inside a ``corked`` block only recorded, and written (all of
+        this block's for this connection together) when the block ends."""
+        held = getattr(_corks, "held", None)
+        if held is not None:
+            # Only the corking thread sets or clears _held; a slot's frame is set once, by
+            # one thread, and read under the lock (by whoever writes it out).
+            slot[0] = frame
+            if not self._held:
+                self._held = True
+                held.append(self)
+            return
         with self._lock:
             slot[0] = frame
-            slots = self._slots
-            if slots and slots[0][0] is not None:
-                ready = [slots.popleft()[0]]
-                while slots and slots[0][0] is not None:
-                    ready.append(slots.popleft()[0])
-                self._write(b"".join(ready) if len(ready) > 1 else ready[0])
-                if self._waiter is not None and len(slots) < self._waiter[0]:
-                    waiter, self._waiter = self._waiter[1], None
+            waiter = self._write_ready_locked()
         if waiter is not None:
             waiter()
+
+    def uncork(self) -> None:
+        """Write the replies a ``corked`` block filled (see ``fill``)."""
+        self._held = False
+        with self._lock:
+            waiter = self._write_ready_locked()
+        if waiter is not None:
+            waiter()
+
+    def _write_ready_locked(self) -> Callable[[], None] | None:
+        """Write the filled slots at the head, in one write (lock held); return the waiter
+        to call (outside the lock) if fewer replies are now outstanding than it waits for."""
+        slots = self._slots
+        if not slots or slots[0][0] is None:
+            return None
+        ready = [slots.popleft()[0]]
+        while slots and slots[0][0] is not None:
+            ready.append(slots.popleft()[0])
+        self._write(b"".join(ready) if len(ready) > 1 else ready[0])
+        if self._waiter is not None and len(slots) < self._waiter[0]:
+            waiter, self._waiter = self._waiter[1], None
+            return waiter
+        return None
 
     def call_when_below(self, limit: int, callback: Callable[[], None]) -> bool:
         """True if ``limit`` or more replies are outstanding: ``callback`` is then called

@@ -626,3 +626,51 @@ def test_registry_from_many_threads():
                     if i % 5 == account and i % 2 == 0}
         assert set(registry.sessions_of(account)) == expected
     assert sorted(registry.online_account_ids()) == [0, 1, 2, 3, 4]
+
+
+def test_fills_inside_a_cork_are_written_together_when_it_ends():
+    """A corked block's fills write nothing until it ends; then one write, in request order,
+    up to the first slot still missing."""
+    writes = Writes()
+    replies = ReplyQueue(writes)
+    a, b, c, d = (replies.reserve() for _ in range(4))
+    with corked():
+        replies.fill(b, b"b")
+        replies.fill(a, b"a")
+        replies.fill(d, b"d")
+        assert writes.calls == []
+        assert replies.outstanding == 4
+    assert writes.calls == [b"ab"]
+    assert replies.outstanding == 2
+    replies.fill(c, b"c")  # outside a cork: at once, with the held d behind it
+    assert writes.calls == [b"ab", b"cd"]
+
+
+def test_a_fill_outside_the_cork_writes_what_the_cork_filled_before_it():
+    """Another thread's fill (the loop refusing a later send) while a cork holds earlier
+    filled slots writes them all, in order; the cork's end then finds nothing left."""
+    writes = Writes()
+    replies = ReplyQueue(writes)
+    a, b = replies.reserve(), replies.reserve()
+    with corked():
+        replies.fill(a, b"a")
+        other = threading.Thread(target=replies.fill, args=(b, b"b"))
+        other.start()
+        other.join()
+        assert writes.calls == [b"ab"]
+    assert writes.calls == [b"ab"]
+    assert replies.outstanding == 0
+
+
+def test_a_corked_fill_that_drops_below_the_limit_calls_the_waiter_when_the_cork_ends():
+    writes = Writes()
+    replies = ReplyQueue(writes)
+    calls = Calls()
+    a, b = replies.reserve(), replies.reserve()
+    assert replies.call_when_below(2, calls) is True
+    with corked():
+        replies.fill(a, b"a")
+        assert calls.count == 0
+    assert writes.calls == [b"a"]
+    assert calls.count == 1
+    replies.fill(b, b"b")
