@@ -318,6 +318,10 @@ class SessionRegistry:
                     del self._by_account[account_id]
 
     def sessions_of(self, account_id: int) -> list[Session]:
+        # Most recipients are offline: answered without the lock (a dict lookup is atomic),
+        # which is as current as taking it, since the set may change right after anyway.
+        if account_id not in self._by_account:
+            return []
         with self._lock:
             return list(self._by_account.get(account_id, ()))
 
