@@ -2,7 +2,7 @@
 
 The server is given by ``CHAT_TEST_POSTGRES_URL`` (a SQLAlchemy URL of a database the tests
 may connect to as a role allowed to create databases, for example
-``postgresql+psycopg://postgres@127.0.0.1:55432/chat_test``; ``.ci/run`` starts a throwaway
+``postgresql+psycopg://postgres@127.0.0.1:15432/chat_test``; ``.ci/run`` starts a throwaway
 server and sets it). Without the variable every test here is skipped, saying why. With it,
 anything wrong (psycopg missing, server unreachable) fails the tests: CI never skips them.
 
