@@ -43,7 +43,10 @@ def corked() -> Iterator[None]:
     finally:
         _corks.held = outer  # a nested block hands the thread back to the outer one
         for output in held:
-            output.uncork()
+            try:  # each must be released, or it would hold its connection's output forever
+                output.uncork()
+            except Exception:
+                log.exception("releasing a corked output failed")
 
 
 class Output:
