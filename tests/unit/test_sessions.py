@@ -674,3 +674,16 @@ def test_a_corked_fill_that_drops_below_the_limit_calls_the_waiter_when_the_cork
     assert writes.calls == [b"a"]
     assert calls.count == 1
     replies.fill(b, b"b")
+
+
+def test_a_failing_release_does_not_leave_the_other_corked_queues_held(caplog):
+    def broken(_data: bytes) -> bool:
+        raise RuntimeError("boom")
+
+    first, second = ReplyQueue(broken), ReplyQueue(writes := Writes())
+    a, b = first.reserve(), second.reserve()
+    with caplog.at_level(logging.ERROR), corked():
+        first.fill(a, b"a")
+        second.fill(b, b"b")
+    assert writes.calls == [b"b"]
+    assert "releasing a corked output failed" in caplog.text
