@@ -62,9 +62,11 @@ def fetch_all(client: ChatClient) -> list:
     return list(reply.messages)
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = WAIT, what: str = "condition"):
-    """Poll ``predicate`` until it is truthy; only for effects the protocol does not report
-    (a disconnect noticed by the server, a log line). Fails after ``timeout``."""
+def wait_until(predicate: Callable[[], object], timeout: float = WAIT, what: str = "condition",
+               interval: float = 0.02):
+    """Poll ``predicate`` until it is truthy and return its value; only for effects the
+    protocol does not report (a disconnect noticed by the server, a log line, a checkpoint).
+    Fails after ``timeout``: a guard against hangs, never a timing assertion."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -72,7 +74,21 @@ def wait_until(predicate: Callable[[], object], timeout: float = WAIT, what: str
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(interval)
+
+
+def fetch_everything(client: ChatClient, *, ack: bool) -> list:
+    """Every undelivered message of the account, page by page (acknowledging each page when
+    ``ack``; without it, only one page can be read, so at most 1,000 messages)."""
+    out = []
+    while True:
+        page = client.fetch(1000)
+        out.extend(page.messages)
+        if ack and page.messages:
+            assert client.ack([m.id for m in page.messages]) == len(page.messages)
+        if page.remaining == 0 or not ack:
+            assert page.remaining == 0, "more than one page without acknowledging"
+            return out
 
 
 def log_lines(server, pattern: str) -> list[str]:

@@ -26,7 +26,7 @@ from chatserver.protocol import (
     encode_event,
 )
 
-from .helpers import PASSWORD, WAIT, fetch_all, log_lines, wait_until
+from .helpers import PASSWORD, WAIT, fetch_all, fetch_everything, log_lines, wait_until
 from .rawframes import Closed, RawClient
 
 
@@ -193,13 +193,7 @@ def test_slow_reader_does_not_block_others(server, user, connect):
         # nothing was lost for the slow reader: every message waits for it
         again = connect()
         assert again.login("slow", PASSWORD).pending == 120
-        seen = []
-        while True:
-            page = again.fetch(1000)
-            seen += [m.id for m in page.messages]
-            again.ack([m.id for m in page.messages])
-            if page.remaining == 0:
-                break
+        seen = [m.id for m in fetch_everything(again, ack=True)]
         assert seen == flood_ids
     finally:
         slow.close()

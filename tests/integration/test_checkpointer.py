@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import time
 
 from chatserver.storage.checkpointer import Checkpointer
 from chatserver.storage.writer import GroupCommitWriter
+from tests.e2e.helpers import wait_until
 
-WAIT = 30  # seconds; only a bound on hangs, never an assertion about speed
 PAGE = 4096
 AUTOCHECKPOINT_PAGES = 1000  # SQLite's default, which the writer keeps
 
@@ -34,15 +33,6 @@ def add(name: str, hash_size: int = 8):
     return job
 
 
-def wait_until(condition) -> bool:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_a_poke_copies_committed_rows_into_the_database_file(db):
     db.enable_wal()
     with sqlite3.connect(db.path) as conn:  # the schema itself into the file first
@@ -56,7 +46,8 @@ def test_a_poke_copies_committed_rows_into_the_database_file(db):
         checkpointer = Checkpointer(db.write_engine)
         try:
             checkpointer.poke()
-            assert wait_until(lambda: names_in_main_file(db.path) == {"ann", "bob", "cy"})
+            wait_until(lambda: names_in_main_file(db.path) == {"ann", "bob", "cy"},
+                       what="the rows in the database file")
             assert checkpointer.checkpoints >= 1
         finally:
             checkpointer.close()

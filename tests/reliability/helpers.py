@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from chatserver.client import ChatClient, ConnectionLost, ServerError
+from tests.e2e.helpers import fetch_everything, wait_until  # noqa: F401 - used by the tests here
 from tests.e2e.rawframes import Closed, RawClient
 
 PASSWORD = "reliable password"  # >= 8 characters, as the server requires
@@ -24,21 +25,6 @@ WAIT = 10.0  # bound for anything asynchronous; a guard against hangs, never ass
 # far beyond the per-address registration limit (which has tests of its own in tests/e2e).
 BASE_ARGS = ["--registrations-per-hour", "0"]
 MIB = 1024 * 1024
-
-
-# -- bounded waiting --------------------------------------------------------------------------
-
-def wait_until(predicate: Callable[[], object], timeout: float = WAIT, what: str = "condition",
-               interval: float = 0.02):
-    """Poll ``predicate`` until it is truthy; fail after ``timeout`` (a hang guard)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
 
 
 def log_has(server, text: str) -> bool:
@@ -117,20 +103,6 @@ def integrity_check(db_path: Path) -> str:
 
 
 # -- client conveniences --------------------------------------------------------------------
-
-def fetch_everything(client: ChatClient, *, ack: bool) -> list:
-    """Every undelivered message of the account, page by page (acknowledging each page when
-    ``ack``; without it, only one page can be read, so at most 1,000 messages)."""
-    out = []
-    while True:
-        page = client.fetch(1000)
-        out.extend(page.messages)
-        if ack and page.messages:
-            assert client.ack([m.id for m in page.messages]) == len(page.messages)
-        if page.remaining == 0 or not ack:
-            assert page.remaining == 0, "more than one page without acknowledging"
-            return out
-
 
 def error_code(call: Callable[[], object]) -> str:
     """The code of the ServerError that ``call`` raises (fails if it succeeds)."""

@@ -14,7 +14,16 @@ import pytest
 
 from chatserver.protocol import LoggedIn, Register, Send
 
-from .helpers import MIB, PASSWORD, WAIT, MemoryWatch, Probe, RawPeer, wait_until
+from .helpers import (
+    MIB,
+    PASSWORD,
+    WAIT,
+    MemoryWatch,
+    Probe,
+    RawPeer,
+    fetch_everything,
+    wait_until,
+)
 
 MESSAGES = 10_000
 BODY = "x" * 8000  # 10,000 pushes of ~8 KB: 80 MB, far over the 4 MiB outbox and the kernel
@@ -70,13 +79,7 @@ def test_slow_consumer_is_dropped_memory_stays_bounded_and_nothing_is_lost(start
         # all 10,000 wait for the account's next login, in order
         with server.client() as again:
             assert again.login("slow", PASSWORD).pending == MESSAGES
-            seen = []
-            while True:
-                page = again.fetch(1000)
-                seen += [m.id for m in page.messages]
-                again.ack([m.id for m in page.messages])
-                if page.remaining == 0:
-                    break
+            seen = [m.id for m in fetch_everything(again, ack=True)]
             assert seen == sent_ids
         flooder.close()
     finally:

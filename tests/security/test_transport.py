@@ -9,7 +9,6 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
-import time
 
 import pytest
 
@@ -17,6 +16,7 @@ from chatserver import tls
 from chatserver.client import ChatClient, ConnectionLost
 from chatserver.protocol import Error, Hello, Push
 from tests.conftest import ServerProcess, chat_command
+from tests.e2e.helpers import wait_until
 
 from .conftest import PASSWORD, WAIT, RawConnection, tls_args
 
@@ -220,7 +220,7 @@ def test_tls_1_1_client_is_refused_by_the_server(tls_server, certs):
     _offer_tls11(tls_server, certs)
     # the server refused it (not our client giving up before asking)
     wait_until(lambda: tls_server.log.lower().count("unsupported protocol") > before,
-               "the server's refusal in its log")
+               timeout=WAIT, what="the server's refusal in its log")
 
 
 def test_refused_tls_1_1_client_is_told_why(tls_server, certs):
@@ -251,11 +251,3 @@ def test_stalled_handshake_blocks_nobody_and_is_dropped(tls_server, tls_connect)
     finally:
         stalled.close()
         silent.close()
-
-
-def wait_until(predicate, what: str) -> None:
-    """Poll for an effect the protocol does not report (a log line); a guard, not a timing."""
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
