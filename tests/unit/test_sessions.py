@@ -16,7 +16,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from chatserver.sessions import Output, ReplyQueue, SessionRegistry, corked
+from chatserver.sessions import (
+    WRITE_BATCH_BYTES,
+    Output,
+    ReplyQueue,
+    SessionRegistry,
+    corked,
+)
 
 WAIT = 10  # seconds; a bound on hangs, never an assertion about speed
 BUFFER = 4096  # requested SO_SNDBUF / SO_RCVBUF (the kernel may round it up)
@@ -347,6 +353,38 @@ def test_several_outputs_in_one_cork_each_get_one_send():
         for ours, theirs in pairs:
             ours.close()
             theirs.close()
+
+
+class TakesEverything:
+    """A socket whose peer keeps up with anything: every ``send`` is taken whole."""
+
+    def __init__(self) -> None:
+        self.sends: list[int] = []
+
+    def send(self, data: bytes) -> int:
+        self.sends.append(len(data))
+        return len(data)
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+
+def test_a_cork_holding_more_than_the_limit_for_a_reader_that_keeps_up_never_drops_it():
+    """A commit can push far more to one connection than its 4 MiB limit (300 pushes of
+    60 KB). Held frames are sent every WRITE_BATCH_BYTES, and only what the socket refuses
+    counts against the limit, so a reader that keeps up is never dropped."""
+    limit = 4 * 1024 * 1024
+    frame = b"p" * 60_000
+    sock = TakesEverything()
+    output, blocked, failed = make_output(sock, max_bytes=limit)
+    with corked():
+        for _ in range(300):
+            assert output.write(frame) is True
+            assert output.pending < WRITE_BATCH_BYTES
+    assert failed.count == 0 and blocked.count == 0
+    assert sum(sock.sends) == 300 * len(frame) and output.pending == 0
+    assert len(sock.sends) < 300  # held frames still went out several per send
+    assert max(sock.sends) < WRITE_BATCH_BYTES + len(frame)
 
 
 def test_corked_output_the_socket_does_not_take_calls_on_blocked(pair):
