@@ -49,6 +49,24 @@ class _SendJob:
         return repo.store_messages([job.message for job in jobs], jobs[0].cap)
 
 
+@dataclass(slots=True)
+class _RetryOverRateJob:
+    """A send over its account's rate that carries a ``client_msg_id``: if an earlier send
+    with that id was stored, this is a retry (its reply was lost) and gets that send's reply
+    as a duplicate; otherwise the rate refusal stands. Checked by the writer, in order after
+    every send queued before it, so an original still being committed is seen."""
+
+    sender_id: int
+    client_msg_id: str
+    refusal: RateLimited
+
+    def __call__(self, repo: Repository) -> SendOutcome:
+        earlier = repo.receipt(self.sender_id, self.client_msg_id)
+        if earlier is None:
+            raise self.refusal
+        return SendOutcome(earlier, 0, True, None)  # a duplicate: nothing stored or pushed
+
+
 class ChatService:
     """The chat's use cases over one database."""
 
@@ -144,7 +162,8 @@ class ChatService:
         """Check a send and queue it for the writer; the future resolves after its commit.
 
         Refusals that need no database (size, rate) raise at once; the others (unknown
-        recipient, full queue) come through the future. With ``on_done`` there is no future:
+        recipient, full queue) come through the future, and so does the rate refusal of a
+        send with a ``client_msg_id`` (unless it turns out to be a retry: a duplicate). With ``on_done`` there is no future:
         ``on_done(outcome, None)`` or ``on_done(None, error)`` is called after the commit,
         on the writer's thread (or on this one: ``GroupCommitWriter.submit_callback``).
         """
@@ -156,10 +175,15 @@ class ChatService:
             raise NoSuchAccount(f"there is no account named {domain.shown(to)}") from None
         wait = self.send_limiter.acquire(sender.id)
         if wait:
-            raise RateLimited("too many messages; slow down",
-                              retry_after_ms=max(1, math.ceil(wait * 1000)))
-        message = NewMessage(sender, key, to, body, self.clock(), client_msg_id)
-        job = _SendJob(message, self.max_queued_per_account)
+            refusal = RateLimited("too many messages; slow down",
+                                  retry_after_ms=max(1, math.ceil(wait * 1000)))
+            if not client_msg_id:
+                raise refusal
+            # A retry must get its original reply, not a refusal it would retry again.
+            job = _RetryOverRateJob(sender.id, client_msg_id, refusal)
+        else:
+            message = NewMessage(sender, key, to, body, self.clock(), client_msg_id)
+            job = _SendJob(message, self.max_queued_per_account)
         if on_done is not None:
             self.writer.submit_callback(job, on_done, inline_if_idle=inline_if_idle)
             return None

@@ -65,6 +65,22 @@ def test_rate_limited_with_retry_after(server_factory, tmp_path):
     assert "Traceback" not in server.log
 
 
+def test_a_retry_over_the_rate_gets_its_original_reply(server_factory, tmp_path):
+    """A client that lost a reply retries with the same client_msg_id after using up its
+    burst: it gets the original message id (duplicate), not rate_limited."""
+    server = server_factory(tmp_path / "retry.db", ["--send-rate", "0.01", "--send-burst", "2"])
+    with server.client() as alice, server.client() as bob:
+        alice.register("alice", PASSWORD)
+        bob.register("bob", PASSWORD)
+        first = alice.send("bob", "one", client_msg_id="c-1")
+        alice.send("bob", "two", client_msg_id="c-2")
+        again = alice.send("bob", "one", client_msg_id="c-1")
+        assert (again.message_id, again.duplicate, again.pushed) == (first.message_id, True, False)
+        assert refused(lambda: alice.send("bob", "three", client_msg_id="c-3")).code == "rate_limited"
+        assert [m.body for m in fetch_all(bob)] == ["one", "two"]
+    assert "Traceback" not in server.log
+
+
 def test_limits_can_be_disabled(server_factory, tmp_path):
     server = server_factory(tmp_path / "off.db",
                             ["--send-rate", "0", "--max-queued-per-account", "0",

@@ -19,7 +19,9 @@ from chatserver.errors import (
     MessageTooLarge,
     NameTaken,
     NoSuchAccount,
+    RateLimited,
 )
+from chatserver.limits import RateLimiter
 from chatserver.service import ChatService
 
 from .conftest import PASSWORD
@@ -317,6 +319,43 @@ def test_idempotent_send(service, db, clock, alice, bob):
     late = service.send(alice, "Bob", "hello", client_msg_id="m-1")
     assert (late.duplicate, late.message_id) == (True, first.message_id)
     assert service.fetch(bob, 0) == ([], 0)
+
+
+def test_a_retry_over_the_rate_gets_its_original_reply(db, writer, hasher, clock):
+    """A client whose reply was lost retries with the same client_msg_id; if the account is
+    over its send rate by then, the retry must still get the original message id (as a
+    duplicate), not rate_limited: it would retry that forever. A new send is refused."""
+    limited = ChatService(db, writer, hasher, clock=clock.now,
+                          send_limiter=RateLimiter(0.001, 2, clock=lambda: 0.0))
+    alice = limited.register("Alice", PASSWORD)
+    limited.register("Bob", PASSWORD)
+    first = limited.send(alice, "Bob", "one", client_msg_id="m-1")
+    limited.send(alice, "Bob", "two")  # the burst of 2 is used up
+    again = limited.send(alice, "Bob", "one", client_msg_id="m-1")
+    assert (again.duplicate, again.message_id) == (True, first.message_id)
+    with pytest.raises(RateLimited) as refused:
+        limited.send(alice, "Bob", "three", client_msg_id="m-3")  # not a retry
+    assert refused.value.retry_after_ms > 0
+    with pytest.raises(RateLimited):
+        limited.send(alice, "Bob", "four")  # no client_msg_id: refused at once
+    assert raw(db, "SELECT body FROM messages ORDER BY id") == [("one",), ("two",)]
+    assert raw(db, "SELECT client_msg_id FROM send_receipts") == [("m-1",)]
+
+
+def test_a_retry_over_the_rate_queued_behind_its_original_is_a_duplicate(
+        db, writer, hasher, clock):
+    """The original and its retry submitted back to back (the retry over the rate): the
+    writer checks the retry after the original, whichever commit holds them."""
+    limited = ChatService(db, writer, hasher, clock=clock.now,
+                          send_limiter=RateLimiter(0.001, 1, clock=lambda: 0.0))
+    alice = limited.register("Alice", PASSWORD)
+    limited.register("Bob", PASSWORD)
+    original = limited.submit_send(alice, "Bob", "one", client_msg_id="m-1")
+    retry = limited.submit_send(alice, "Bob", "one", client_msg_id="m-1")
+    first, again = original.result(30), retry.result(30)
+    assert (first.duplicate, again.duplicate) == (False, True)
+    assert again.message_id == first.message_id
+    assert raw(db, "SELECT COUNT(*) FROM messages") == [(1,)]
 
 
 def test_concurrent_retries_store_one_message(service, db, alice, bob):
