@@ -95,3 +95,58 @@ def test_the_server_app_checkpoints_sqlite(tmp_path):
     finally:
         app.stop()
     assert not app.checkpointer._thread.is_alive()
+
+
+class FailingFirst:
+    """The write engine, except that its first ``raw_connection()`` fails the way a full or
+    broken disk does; it hands out real connections after that."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.calls = 0
+        self.handed_out = []
+
+    def raw_connection(self):
+        self.calls += 1
+        if self.calls == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        raw = self.engine.raw_connection()
+        self.handed_out.append(raw)
+        return raw
+
+
+def test_a_failing_checkpoint_is_logged_and_the_next_poke_checkpoints_again(db, caplog):
+    """A checkpoint that fails (disk full, I/O error) is logged, not raised out of the
+    thread; the next commit's poke opens a fresh connection and checkpoints. Then a
+    connection that breaks while held is dropped and replaced the same way."""
+    db.enable_wal()
+    with sqlite3.connect(db.path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    engine = FailingFirst(db.write_engine)
+    writer = GroupCommitWriter(db.write_engine)
+    checkpointer = Checkpointer(engine, interval=0.001)
+    try:
+        writer.run(add("ann"))
+        checkpointer.poke()
+        wait_until(lambda: any("WAL checkpoint failed: disk I/O error" in r.getMessage()
+                               for r in caplog.records), what="the failure logged")
+        assert checkpointer.checkpoints == 0 and names_in_main_file(db.path) == set()
+
+        writer.run(add("bob"))
+        checkpointer.poke()
+        wait_until(lambda: names_in_main_file(db.path) == {"ann", "bob"},
+                   what="the rows in the database file")
+        assert engine.calls == 2 and checkpointer.checkpoints == 1
+
+        engine.handed_out[0].driver_connection.close()  # broken under the checkpointer
+        writer.run(add("cy"))
+        checkpointer.poke()
+        wait_until(lambda: sum("WAL checkpoint failed" in r.getMessage()
+                               for r in caplog.records) == 2, what="the second failure")
+        checkpointer.poke()
+        wait_until(lambda: names_in_main_file(db.path) == {"ann", "bob", "cy"},
+                   what="the last row in the database file")
+        assert engine.calls == 3 and checkpointer.checkpoints == 2
+    finally:
+        checkpointer.close()
+        writer.close()
