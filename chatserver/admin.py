@@ -130,7 +130,8 @@ def delete_account(db: Database, name: str) -> tuple[Account, int]:
 
 
 def reset_password(db: Database, name: str, password: str, hasher: PasswordHasher) -> Account:
-    """Give the account a new password (hashed here, before the write transaction)."""
+    """Give the account a new password (hashed here, before the write transaction). A
+    server running on the database ends the account's sessions within seconds."""
     domain.validate_password(password)
     key = _key(name)
     if db.read(lambda repo: repo.account_id_by_key(key)) is None:
@@ -140,7 +141,7 @@ def reset_password(db: Database, name: str, password: str, hasher: PasswordHashe
         found = uow.repo.get_by_key(key)
         if found is None:  # deleted while we were hashing
             raise NoSuchAccount(f"there is no account named {name!r}")
-        uow.repo.set_password_hash(found[0].id, password_hash)
+        uow.repo.reset_password_hash(found[0].id, password_hash)
         uow.commit()
     return found[0]
 

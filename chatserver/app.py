@@ -86,7 +86,7 @@ class ChatApp:
     def _watch_accounts(self) -> None:
         while not self._stopping.wait(ACCOUNT_CHECK_INTERVAL):
             try:
-                self.server.end_sessions_of_deleted_accounts()
+                self.server.end_stale_sessions()
             except ChatError as exc:  # the database is busy or gone for a moment: next round
                 log.warning("account check skipped: %s", exc.message)
             except Exception:

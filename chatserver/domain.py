@@ -45,6 +45,7 @@ class Account:
     name: str
     created_at: int  # ms since the Unix epoch
     last_login_at: int | None = None
+    password_version: int = 0  # the password resets it had seen at login (see server)
 
 
 @dataclass(slots=True)  # not frozen: built per message, and a frozen init costs 4x

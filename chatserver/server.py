@@ -647,6 +647,20 @@ class ChatConnection:
         self.log_out()
         self.output.write(frame)
 
+    def password_reset(self, version: int, frame: bytes) -> bool:
+        """(Any thread.) The account's password was reset to ``version``: if this session
+        logged in before that (with an older password), tell the peer and log out; True if
+        so. Checked under the session lock: a session that logged in again meanwhile, with
+        the new password, stays."""
+        with self._session_lock:
+            account = self.account
+            if account is None or account.password_version >= version:
+                return False
+            self.server.registry.detach(account.id, self)
+            self.account = None
+        self.output.write(frame)
+        return True
+
     # -- output -------------------------------------------------------------------------
 
     def send(self, event) -> None:
@@ -823,19 +837,35 @@ class ChatServer:
         with self._lock:
             return list(self._admitted)
 
-    def end_sessions_of_deleted_accounts(self) -> int:
+    def end_stale_sessions(self) -> tuple[int, int]:
         """Log out sessions whose account no longer exists (deleted by ``chat admin`` or by
-        another server on the same database); return how many accounts that was."""
+        another server on the same database) or whose password was reset since they logged
+        in (``chat admin reset-password``); return (deleted accounts, sessions ended by a
+        reset)."""
         online = self.registry.online_account_ids()
         if not online:
-            return 0
-        existing = self.service.existing_account_ids(online)
-        gone = [account_id for account_id in online if account_id not in existing]
+            return 0, 0
+        versions = self.service.password_versions(online)
+        gone = [account_id for account_id in online if account_id not in versions]
         for account_id in gone:
             notice = encode_event(Notice(code="account_deleted", text="this account was deleted"))
             for session in self.registry.sessions_of(account_id):
                 session.account_deleted(notice)
-        return len(gone)
+        reset = 0
+        for account_id, version in versions.items():
+            if not version:
+                continue  # never reset: no session can be older than a reset
+            notice = None
+            for session in self.registry.sessions_of(account_id):
+                if notice is None:
+                    notice = encode_event(Notice(
+                        code="password_reset",
+                        text="the password of this account was reset; log in again"))
+                if session.password_reset(version, notice):
+                    reset += 1
+                    log.info("password of account %d reset: ended the session of %s",
+                             account_id, session.peer)
+        return len(gone), reset
 
     # -- the loop -----------------------------------------------------------------------
 

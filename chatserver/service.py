@@ -118,7 +118,8 @@ class ChatService:
             return repo.count_undelivered(account.id)
 
         pending = self.writer.run(record)
-        return Account(account.id, account.name, account.created_at, now), pending
+        return Account(account.id, account.name, account.created_at, now,
+                       account.password_version), pending
 
     def delete_account(self, account: Account, password: str) -> int:
         """Delete the account after checking its password; return the discarded messages."""
@@ -136,12 +137,13 @@ class ChatService:
             return found[:limit], found[limit - 1].name
         return found, ""
 
-    def existing_account_ids(self, account_ids: list[int]) -> set[int]:
-        """Which of these accounts still exist (checked in chunks to bound the statement)."""
-        found: set[int] = set()
+    def password_versions(self, account_ids: list[int]) -> dict[int, int]:
+        """The ``password_version`` of each of these accounts that still exists (a missing
+        id was deleted); read in chunks to bound the statement."""
+        found: dict[int, int] = {}
         for start in range(0, len(account_ids), 500):
             chunk = account_ids[start:start + 500]
-            found |= self.db.read(lambda repo: repo.existing_ids(chunk))
+            found.update(self.db.read(lambda repo: repo.password_versions(chunk)))
         return found
 
     def undelivered_total(self) -> int:

@@ -300,6 +300,8 @@ class Session(Protocol):
 
     def account_deleted(self, frame: bytes) -> None: ...
 
+    def password_reset(self, version: int, frame: bytes) -> bool: ...
+
 
 class SessionRegistry:
     """Live logged-in sessions by account id. Thread-safe."""

@@ -226,11 +226,16 @@ class Repository:
         return self.conn.execute(select(accounts.c.id).where(accounts.c.name_key == key)).scalar()
 
     def get_by_key(self, key: str) -> tuple[Account, str] | None:
-        """The account with this name key and its password hash, or None."""
+        """The account with this name key (with its ``password_version``) and its password
+        hash, or None. Both from one statement: a login sees the hash and the version of
+        the same moment."""
         row = self.conn.execute(
-            select(*_ACCOUNT_COLUMNS, accounts.c.password_hash).where(accounts.c.name_key == key)
+            select(*_ACCOUNT_COLUMNS, accounts.c.password_hash, accounts.c.password_version)
+            .where(accounts.c.name_key == key)
         ).first()
-        return None if row is None else (_account(row), row[4])
+        if row is None:
+            return None
+        return Account(row[0], row[1], row[2], row[3], password_version=row[5]), row[4]
 
     def get(self, account_id: int) -> Account | None:
         row = self.conn.execute(select(*_ACCOUNT_COLUMNS).where(accounts.c.id == account_id)).first()
@@ -245,6 +250,24 @@ class Repository:
         self.conn.execute(
             update(accounts).where(accounts.c.id == account_id).values(password_hash=password_hash)
         )
+
+    def reset_password_hash(self, account_id: int, password_hash: str) -> None:
+        """An administrator's new password: the hash, and one more reset for the account,
+        which ends the sessions that logged in before it (``password_versions``).
+        (``set_password_hash`` is the same password re-hashed: sessions stay.)"""
+        self.conn.execute(
+            update(accounts).where(accounts.c.id == account_id).values(
+                password_hash=password_hash, password_version=accounts.c.password_version + 1)
+        )
+
+    def password_versions(self, account_ids: Iterable[int]) -> dict[int, int]:
+        """``password_version`` of each of these accounts that still exists."""
+        ids = list(account_ids)
+        if not ids:
+            return {}
+        rows = self.conn.execute(
+            select(accounts.c.id, accounts.c.password_version).where(accounts.c.id.in_(ids)))
+        return {r[0]: r[1] for r in rows}
 
     def record_login(self, account_id: int, now: int) -> None:
         self.conn.execute(

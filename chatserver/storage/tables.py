@@ -86,6 +86,8 @@ class AccountRow(Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[int] = mapped_column(BigInteger)  # ms since the Unix epoch, UTC
     last_login_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Bumped by an administrator's password reset: sessions that logged in before it end.
+    password_version: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class MessageRow(Base):

@@ -75,6 +75,27 @@ def test_set_password_hash_and_record_login(db):
     assert account.created_at == 1000
 
 
+def test_a_reset_counts_in_password_version_and_a_rehash_does_not(db):
+    alice = add_account(db, "Alice")
+    bob = add_account(db, "Bob")
+    assert db.read(lambda repo: repo.get_by_key("alice"))[0].password_version == 0
+    with db.unit_of_work() as uow:
+        uow.repo.set_password_hash(alice.id, "rehashed")  # same password, new cost
+        uow.commit()
+    assert db.read(lambda repo: repo.password_versions([alice.id, bob.id])) == {
+        alice.id: 0, bob.id: 0}
+    for new_hash in ("reset-1", "reset-2"):
+        with db.unit_of_work() as uow:
+            uow.repo.reset_password_hash(alice.id, new_hash)
+            uow.commit()
+    account, stored_hash = db.read(lambda repo: repo.get_by_key("alice"))
+    assert (account.password_version, stored_hash) == (2, "reset-2")
+    # a deleted (or never existing) id is absent
+    assert db.read(lambda repo: repo.password_versions([alice.id, bob.id, 999])) == {
+        alice.id: 2, bob.id: 0}
+    assert db.read(lambda repo: repo.password_versions([])) == {}
+
+
 def test_name_is_unique_by_key(db):
     add_account(db, "Alice")
     with pytest.raises(NameTaken) as err:

@@ -37,7 +37,7 @@ from chatserver.storage.tables import Base
 from chatserver.storage.writer import GroupCommitWriter
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-HEAD = "0002"
+HEAD = "0003"
 FAST_HASH = HashParameters(time_cost=1, memory_kib=64, parallelism=1)
 
 
@@ -147,7 +147,7 @@ def test_single_head():
 def test_revisions_form_one_line_from_base():
     script = ScriptDirectory.from_config(alembic_config())
     chain = [r.revision for r in reversed(list(script.walk_revisions()))]
-    assert chain == ["0001", "0002"]
+    assert chain == ["0001", "0002", "0003"]
     for rev in script.walk_revisions():
         assert rev.module.__doc__, f"revision {rev.revision} has no docstring"
 
@@ -252,8 +252,8 @@ def test_account_ids_are_not_reused_after_a_downgrade_and_upgrade(tmp_path):
 def test_downgrade_keeps_the_data(tmp_path):
     path = build(tmp_path / "chat.db")
     conn = sqlite3.connect(path)
-    conn.execute("INSERT INTO accounts VALUES (1, 'Alice', 'alice', 'h1', 100, 500)")
-    conn.execute("INSERT INTO accounts VALUES (2, 'Bob', 'bob', 'h2', 200, NULL)")
+    conn.execute("INSERT INTO accounts VALUES (1, 'Alice', 'alice', 'h1', 100, 500, 3)")
+    conn.execute("INSERT INTO accounts VALUES (2, 'Bob', 'bob', 'h2', 200, NULL, 0)")
     conn.execute("INSERT INTO messages VALUES (7, 2, 1, 'Alice', 300, 'hello')")
     conn.commit()
     conn.close()
@@ -263,7 +263,8 @@ def test_downgrade_keeps_the_data(tmp_path):
         (1, "Alice", "alice", "h1", 100), (2, "Bob", "bob", "h2", 200)]
     assert query(path, "SELECT * FROM messages") == [(7, 2, 1, "Alice", 300, "hello")]
     command.upgrade(config, "head")
-    assert query(path, "SELECT id, last_login_at FROM accounts ORDER BY id") == [(1, 100), (2, 200)]
+    assert query(path, "SELECT id, last_login_at, password_version FROM accounts ORDER BY id") == [
+        (1, 100, 0), (2, 200, 0)]
     assert query(path, "SELECT * FROM messages") == [(7, 2, 1, "Alice", 300, "hello")]
     assert query(path, "PRAGMA foreign_key_check") == []
 
@@ -288,7 +289,7 @@ def test_alembic_command_line_from_the_checkout(tmp_path):
         db.dispose()
 
 
-# -- data migration 0001 -> 0002 ------------------------------------------------------------
+# -- data migrations 0001 -> head -------------------------------------------------------------
 
 PEOPLE = {"Alice": "alice password", "bob": "bob's password", "Carol.X": "carol-password"}
 BULK_ACCOUNTS = 1_500
@@ -353,6 +354,7 @@ def test_data_migration_keeps_every_row(old_db):
     assert revision_of(old_db) == HEAD
     assert dump(old_db, "accounts", "id, name, name_key, password_hash, created_at") == old_accounts
     assert dump(old_db, "accounts", "last_login_at") == [(a[4],) for a in old_accounts]
+    assert dump(old_db, "accounts", "password_version") == [(0,)] * len(old_accounts)
     assert dump(old_db, "messages") == old_messages
     assert dump(old_db, "send_receipts") == old_receipts
     assert query(old_db, "PRAGMA foreign_key_check") == []
@@ -393,6 +395,38 @@ def test_migrated_database_works_with_the_service(old_db, hasher):
         assert service.fetch(alice, 0) == ([], 0)
     finally:
         writer.close()
+        db.dispose()
+
+
+def test_upgrade_from_0002_keeps_every_row_and_starts_versions_at_0(tmp_path, hasher):
+    """0002 -> 0003 adds ``password_version`` (0 for every account: no reset has happened)
+    and loses nothing; a reset on the upgraded database then counts from there."""
+    path = build(tmp_path / "at-0002.db", "0002")
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO accounts VALUES (1, 'Alice', 'alice', ?, 100, 500)",
+                 (hasher.hash(PEOPLE["Alice"]),))
+    conn.execute("INSERT INTO accounts VALUES (2, 'Bob', 'bob', 'h2', 200, NULL)")
+    conn.execute("INSERT INTO messages VALUES (7, 2, 1, 'Alice', 300, 'hello')")
+    conn.execute("INSERT INTO send_receipts VALUES (1, 'c-1', 7, 300)")
+    conn.commit()
+    conn.close()
+    before = {t: dump(path, t) for t in ("accounts", "messages", "send_receipts")}
+
+    db = Database(str(path))
+    try:
+        status = ensure_schema(db)
+        assert (status.state, status.current, status.head) == ("behind", "0002", HEAD)
+        cols = "id, name, name_key, password_hash, created_at, last_login_at"
+        assert dump(path, "accounts", cols) == before["accounts"]
+        assert dump(path, "accounts", "password_version") == [(0,), (0,)]
+        assert dump(path, "messages") == before["messages"]
+        assert dump(path, "send_receipts") == before["send_receipts"]
+        assert model_diffs(path) == []
+        with db.unit_of_work() as uow:
+            uow.repo.reset_password_hash(1, hasher.hash("a new password"))
+            uow.commit()
+        assert db.read(lambda repo: repo.password_versions([1, 2, 3])) == {1: 1, 2: 0}
+    finally:
         db.dispose()
 
 
@@ -446,7 +480,7 @@ def test_zero_byte_file_is_created_at_head(tmp_path):
 def test_database_at_head_is_left_alone(tmp_path):
     path = build(tmp_path / "chat.db")
     conn = sqlite3.connect(path)
-    conn.execute("INSERT INTO accounts VALUES (1, 'Alice', 'alice', 'h', 100, 200)")
+    conn.execute("INSERT INTO accounts VALUES (1, 'Alice', 'alice', 'h', 100, 200, 0)")
     conn.commit()
     conn.close()
     before = file_state(path)
