@@ -13,6 +13,7 @@ from chatserver.passwords import HashParameters, PasswordHasher
 from chatserver.server import ChatServer, ServerConfig
 from chatserver.service import ChatService
 from chatserver.sessions import corked
+from chatserver.storage.announce import Announcer, Listener, channel_for, new_origin
 from chatserver.storage.checkpointer import Checkpointer
 from chatserver.storage.database import Database, create_private_file
 from chatserver.storage.migrate import ensure_schema
@@ -23,6 +24,7 @@ log = logging.getLogger("chatserver")
 # How often the server checks that logged-in accounts still exist, so an account deleted by
 # `chat admin delete-account` (another process) has its sessions ended within seconds.
 ACCOUNT_CHECK_INTERVAL = 2.0
+LISTEN_TIMEOUT = 10.0  # seconds a PostgreSQL server waits at start to hear other servers
 
 
 class ChatApp:
@@ -37,6 +39,7 @@ class ChatApp:
         self.metrics = Metrics()
         self.metrics_port: int | None = None
         self.checkpointer: Checkpointer | None = None
+        self.listener: Listener | None = None
         try:
             ensure_schema(self.db, allow_upgrade=migrate)
             self.db.enable_wal()
@@ -44,16 +47,29 @@ class ChatApp:
             self.checkpointer = Checkpointer(self.db.write_engine) if self.db.is_sqlite else None
             self.writer = GroupCommitWriter(self.db.write_engine, on_commit=self._committed,
                                             results_context=corked)
+            # PostgreSQL: other servers may share the database; tell them what we store.
+            announcer = (None if self.db.is_sqlite
+                         else Announcer(channel_for(self.db.write_engine), new_origin()))
             self.service = ChatService(
                 self.db, self.writer, PasswordHasher(hash_params),
                 max_message_bytes=config.max_message_bytes,
                 max_queued_per_account=config.max_queued_per_account,
-                send_limiter=RateLimiter(config.send_rate, config.send_burst))
+                send_limiter=RateLimiter(config.send_rate, config.send_burst),
+                announcer=announcer)
             self.server = ChatServer(config, self.service, self.metrics, ssl_context=ssl_context)
+            if announcer is not None:
+                self.listener = Listener(self.db.write_engine, announcer,
+                                         self.server.push_announced)
+                # Listening before serving: a message stored elsewhere once we answer reaches us.
+                if not self.listener.listening.wait(LISTEN_TIMEOUT):
+                    log.warning("not listening for other servers' messages yet; their "
+                                "messages reach sessions here by fetch until then")
             self.metrics.track_undelivered(self.service.undelivered_total)
             if metrics_port is not None:
                 self.metrics_port = serve_metrics(self.metrics, metrics_port)
         except BaseException:
+            if self.listener is not None:
+                self.listener.close()
             if self.checkpointer is not None:
                 self.checkpointer.close()
             self.db.dispose()
@@ -101,6 +117,8 @@ class ChatApp:
         self._stopping.set()
         self.server.stop(timeout)
         self.writer.close(timeout)
+        if self.listener is not None:
+            self.listener.close(timeout)
         if self.checkpointer is not None:
             self.checkpointer.close(timeout)
         self.db.dispose()

@@ -837,6 +837,23 @@ class ChatServer:
         with self._lock:
             return list(self._admitted)
 
+    def push_announced(self, items: list[tuple[int, int]]) -> int:
+        """(The announcement listener's thread.) Another server on the database stored these
+        (recipient id, message id) pairs: push those of recipients logged in here. Returns
+        how many pushes were written."""
+        wanted = [message_id for recipient_id, message_id in items
+                  if self.registry.sessions_of(recipient_id)]
+        if not wanted:
+            return 0
+        pushes = 0
+        for message in self.service.undelivered_messages(wanted):  # acknowledged ones are gone
+            frame = encode_event(Push(message=message_event(message)))
+            for session in self.registry.sessions_of(message.recipient_id):
+                if session.push_frame(frame):
+                    pushes += 1
+                    self.metrics.pushed.inc()
+        return pushes
+
     def end_stale_sessions(self) -> tuple[int, int]:
         """Log out sessions whose account no longer exists (deleted by ``chat admin`` or by
         another server on the same database) or whose password was reset since they logged

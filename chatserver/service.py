@@ -26,6 +26,7 @@ from chatserver.errors import (
 )
 from chatserver.limits import RateLimiter
 from chatserver.passwords import PasswordHasher
+from chatserver.storage.announce import Announcer
 from chatserver.storage.database import Database
 from chatserver.storage.repository import Repository
 from chatserver.storage.writer import GroupCommitWriter
@@ -41,12 +42,20 @@ class _SendJob:
 
     message: NewMessage
     cap: int
+    announcer: Announcer | None = None  # PostgreSQL: tell the other servers (announce.py)
 
     bulk_is_atomic = True  # store_messages stores all of a batch or nothing: no savepoint
 
     @staticmethod
     def run_bulk(repo: Repository, jobs: list[_SendJob]) -> list:
-        return repo.store_messages([job.message for job in jobs], jobs[0].cap)
+        outcomes = repo.store_messages([job.message for job in jobs], jobs[0].cap)
+        announcer = jobs[0].announcer
+        if announcer is not None:
+            stored = [(o.recipient_id, o.message_id) for o in outcomes
+                      if type(o) is SendOutcome and o.message is not None]
+            if stored:
+                announcer.announce(repo, stored)
+        return outcomes
 
 
 @dataclass(slots=True)
@@ -74,8 +83,11 @@ class ChatService:
                  clock: Callable[[], int] = wall_clock_ms,
                  max_message_bytes: int = domain.MAX_MESSAGE_BYTES,
                  max_queued_per_account: int = domain.MAX_QUEUED_PER_ACCOUNT,
-                 send_limiter: RateLimiter | None = None):
+                 send_limiter: RateLimiter | None = None, announcer: Announcer | None = None):
+        """``announcer``: PostgreSQL with other servers on the database; stored messages are
+        announced to them (storage/announce.py)."""
         self.db = db
+        self.announcer = announcer
         self.writer = writer
         self.hasher = hasher
         self.clock = clock
@@ -146,6 +158,14 @@ class ChatService:
             found.update(self.db.read(lambda repo: repo.password_versions(chunk)))
         return found
 
+    def undelivered_messages(self, message_ids: list[int]) -> list[StoredMessage]:
+        """These messages, those not acknowledged yet (read in chunks to bound the statement)."""
+        found: list[StoredMessage] = []
+        for start in range(0, len(message_ids), 500):
+            chunk = message_ids[start:start + 500]
+            found += self.db.read(lambda repo, chunk=chunk: repo.messages_by_ids(chunk))
+        return found
+
     def undelivered_total(self) -> int:
         return self.db.read(lambda repo: repo.count_all_undelivered())
 
@@ -185,7 +205,7 @@ class ChatService:
             job = _RetryOverRateJob(sender.id, client_msg_id, refusal)
         else:
             message = NewMessage(sender, key, to, body, self.clock(), client_msg_id)
-            job = _SendJob(message, self.max_queued_per_account)
+            job = _SendJob(message, self.max_queued_per_account, self.announcer)
         if on_done is not None:
             self.writer.submit_callback(job, on_done, inline_if_idle=inline_if_idle)
             return None

@@ -609,6 +609,19 @@ class Repository:
         rows = self.conn.execute(select(accounts.c.id).where(accounts.c.id.in_(ids)))
         return {r[0] for r in rows}
 
+    def messages_by_ids(self, message_ids: Iterable[int]) -> list[StoredMessage]:
+        """These messages, those still undelivered, by id."""
+        ids = list(message_ids)
+        if not ids:
+            return []
+        rows = self.conn.execute(
+            select(*_MESSAGE_COLUMNS).where(messages.c.id.in_(ids)).order_by(messages.c.id))
+        return [_message(r) for r in rows]
+
+    def notify(self, channel: str, payload: str) -> None:
+        """PostgreSQL: NOTIFY ``channel`` at this transaction's commit (storage/announce.py)."""
+        self.conn.execute(select(func.pg_notify(channel, payload)))
+
     def count_undelivered(self, recipient_id: int) -> int:
         if self._sqlite:
             try:

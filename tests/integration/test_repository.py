@@ -96,6 +96,18 @@ def test_a_reset_counts_in_password_version_and_a_rehash_does_not(db):
     assert db.read(lambda repo: repo.password_versions([])) == {}
 
 
+def test_messages_by_ids_returns_the_undelivered_ones_in_id_order(db):
+    alice, bob = add_account(db, "Alice"), add_account(db, "Bob")
+    ids = [add_message(db, alice, bob, f"m{i}", now=5000 + i) for i in range(3)]
+    with db.unit_of_work() as uow:
+        assert uow.repo.delete_messages(bob.id, [ids[1]]) == 1
+        uow.commit()
+    found = db.read(lambda repo: repo.messages_by_ids([ids[2], ids[1], ids[0], 10**9]))
+    assert [(m.id, m.sender, m.recipient_id, m.sent_at, m.body) for m in found] == [
+        (ids[0], "Alice", bob.id, 5000, "m0"), (ids[2], "Alice", bob.id, 5002, "m2")]
+    assert db.read(lambda repo: repo.messages_by_ids([])) == []
+
+
 def test_name_is_unique_by_key(db):
     add_account(db, "Alice")
     with pytest.raises(NameTaken) as err:

@@ -1,14 +1,15 @@
 """`chat serve --db postgresql+psycopg://...` end to end: real server processes, real clients.
 
 One server: two clients chat, the server restarts, what was waiting is still there. Two
-servers on one database (the reason to use PostgreSQL): accounts and messages are shared; a
-live push reaches only sessions of the server that accepted the message, and every other
-session gets it by fetching (docs/POSTGRES.md).
+servers on one database (the reason to use PostgreSQL): accounts and messages are shared, and
+a message stored by one server is pushed to the recipient's sessions on the others too
+(announced with NOTIFY; docs/POSTGRES.md).
 """
 
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 
@@ -92,12 +93,24 @@ def test_two_servers_share_one_database(new_postgres_database, pg_server_factory
         assert [(m.id, m.sender, m.body) for m in messages] == [
             (first.message_id, "alice", "sent through A")]
 
-        # Through A to a user online on B: stored and fetched, not pushed across servers.
+        # Through A to a user online on B: A announces it at commit, B pushes it. (`pushed`
+        # says what A itself pushed: nothing.) It stays queued until acknowledged.
         second = alice.send("bob", "while bob is on B")
         assert not second.pushed
+        push = bob.pushes.get(timeout=WAIT)
+        assert isinstance(push, Push), push
+        assert (push.message.id, push.message.sender, push.message.body) == (
+            second.message_id, "alice", "while bob is on B")
         assert [m.id for m in bob.fetch().messages] == [first.message_id, second.message_id]
-        assert bob.pushes.empty()
         assert bob.ack([first.message_id, second.message_id]) == 2
+        # ... and B to A the same way, for a batch, in order.
+        bursts = [bob.send("alice", f"burst {i}") for i in range(20)]
+        pushed = [alice.pushes.get(timeout=WAIT).message.id for _ in bursts]
+        assert sorted(pushed) == [s.message_id for s in bursts]
+        assert alice.ack(pushed) == 20
+        # A message acknowledged before its announcement arrives is not pushed: nothing
+        # is pushed twice or after its acknowledgement here (B announces only to A).
+        assert bob.pushes.empty()
 
         # Within B a live push still works, and names are unique across both servers.
         carol.register("carol", PASSWORD)
@@ -133,3 +146,48 @@ def test_two_servers_share_one_database(new_postgres_database, pg_server_factory
             client.close()
     assert server_a.stop() == 0, server_a.log
     assert server_b.stop() == 0, server_b.log
+
+
+def test_a_server_that_loses_its_listening_connection_listens_again(new_postgres_database,
+                                                                     pg_server_factory):
+    """The database ends the connections that listen for other servers' messages (a
+    restart, a failover, an administrator): each server reconnects and listens again, and
+    messages across servers are pushed again. Nothing is lost meanwhile: what was
+    announced while not listening waits in the database for a fetch."""
+    from sqlalchemy import create_engine, text
+
+    pg_url = new_postgres_database()
+    migrate(pg_url)
+    server_a = pg_server_factory(pg_url, SERVER_ARGS)
+    server_b = pg_server_factory(pg_url, SERVER_ARGS)
+    engine = create_engine(pg_url)
+    listeners = text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                     "AND query LIKE 'LISTEN %'")
+    alice, bob = server_a.client(), server_b.client()
+    try:
+        alice.register("alice", PASSWORD)
+        bob.register("bob", PASSWORD)
+        with engine.connect() as conn:
+            old = {r[0] for r in conn.execute(listeners)}
+            assert len(old) == 2
+            for pid in old:
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        for _ in range(int(WAIT / 0.05)):  # bounded: both listen again on new connections
+            with engine.connect() as conn:
+                now = {r[0] for r in conn.execute(listeners)}
+            if len(now) == 2 and not now & old:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"the servers did not listen again: {now} (before: {old})")
+        to_bob = alice.send("bob", "after the reconnect")
+        assert bob.pushes.get(timeout=WAIT).message.id == to_bob.message_id
+        to_alice = bob.send("alice", "and back")
+        assert alice.pushes.get(timeout=WAIT).message.id == to_alice.message_id
+    finally:
+        alice.close()
+        bob.close()
+        engine.dispose()
+    assert server_a.stop() == 0, server_a.log
+    assert server_b.stop() == 0, server_b.log
+    assert "listening for other servers' messages failed" in server_a.log + server_b.log

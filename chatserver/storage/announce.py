@@ -1,0 +1,141 @@
+"""New messages announced to the other servers on one PostgreSQL database (LISTEN/NOTIFY).
+
+Each server pushes what it stores to the sessions it holds. With several servers on one
+database, the server that stores a message also announces it on a channel
+(``pg_notify`` inside the send's transaction, so an announcement goes out with the commit
+and never for a message that was not committed); every other server listens and pushes
+the announced messages to the recipients it holds. An announcement names
+(recipient id, message id) pairs, so a listener reads from the database only the messages
+of recipients it holds, and only those not acknowledged in the meantime.
+
+The channel is per schema (NOTIFY is per database, and two deployments may share one
+database in different schemas); a server ignores its own announcements by their origin.
+Delivery stays at least once: an announcement lost (a listener reconnecting) only means the
+recipient gets the message by fetching, as it would have before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+
+from sqlalchemy import Engine, text
+
+from chatserver.storage.repository import Repository
+
+log = logging.getLogger(__name__)
+
+CHANNEL_PREFIX = "chat_new_messages_"
+MAX_PAYLOAD = 7900  # bytes; PostgreSQL refuses a NOTIFY payload of 8000 or more
+RECONNECT_DELAY = 1.0  # seconds between attempts to listen again after a failure
+_POLL = 0.5  # seconds: how often the listener checks whether it must stop
+
+
+def channel_for(engine: Engine) -> str:
+    """The channel of the schema this engine's connections use."""
+    with engine.connect() as conn:
+        schema = conn.execute(text("SELECT current_schema()")).scalar_one()
+    return CHANNEL_PREFIX + hashlib.sha256(schema.encode()).hexdigest()[:16]
+
+
+def new_origin() -> str:
+    """An id for this server process, to recognise its own announcements."""
+    return uuid.uuid4().hex[:16]
+
+
+def encode_announcements(origin: str, items: Iterable[tuple[int, int]]) -> list[str]:
+    """Payloads ``"ORIGIN RECIPIENT:MESSAGE,..."`` for (recipient id, message id) pairs,
+    each under MAX_PAYLOAD bytes."""
+    payloads, parts, size = [], [], len(origin) + 1
+    for recipient_id, message_id in items:
+        part = f"{recipient_id}:{message_id}"
+        if parts and size + len(part) + 1 > MAX_PAYLOAD:
+            payloads.append(origin + " " + ",".join(parts))
+            parts, size = [], len(origin) + 1
+        parts.append(part)
+        size += len(part) + 1
+    if parts:
+        payloads.append(origin + " " + ",".join(parts))
+    return payloads
+
+
+def decode_announcement(payload: str) -> tuple[str, list[tuple[int, int]]]:
+    """(origin, [(recipient id, message id), ...]); ValueError if malformed."""
+    origin, _, rest = payload.partition(" ")
+    items = []
+    for part in rest.split(","):
+        recipient, _, message = part.partition(":")
+        items.append((int(recipient), int(message)))
+    return origin, items
+
+
+class Announcer:
+    """What a server's sends need to announce their messages: the channel and its origin."""
+
+    def __init__(self, channel: str, origin: str):
+        self.channel = channel
+        self.origin = origin
+
+    def announce(self, repo: Repository, items: list[tuple[int, int]]) -> None:
+        """In the sending transaction: delivered to the listeners at its commit."""
+        for payload in encode_announcements(self.origin, items):
+            repo.notify(self.channel, payload)
+
+
+class Listener:
+    """A thread that LISTENs on the channel and calls ``on_items(pairs)`` for every other
+    server's announcement (on this thread). Reconnects after a failure."""
+
+    def __init__(self, engine: Engine, announcer: Announcer,
+                 on_items: Callable[[list[tuple[int, int]]], None]):
+        self._engine = engine
+        self._announcer = announcer
+        self._on_items = on_items
+        self._stopping = threading.Event()
+        self.listening = threading.Event()  # set while LISTEN is in effect (for tests)
+        self._thread = threading.Thread(target=self._run, name="announcement-listener",
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        self._stopping.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._listen()
+            except Exception as exc:  # noqa: BLE001 - the database went away: listen again
+                self.listening.clear()
+                log.warning("listening for other servers' messages failed: %s", exc)
+                self._stopping.wait(RECONNECT_DELAY)
+
+    def _listen(self) -> None:
+        raw = self._engine.raw_connection()
+        conn = raw.driver_connection
+        raw.detach()  # ours for good: a LISTENing connection must not go back to the pool
+        try:
+            conn.autocommit = True
+            conn.execute(f'LISTEN "{self._announcer.channel}"')  # a hex name of ours
+            self.listening.set()
+            origin = self._announcer.origin
+            while not self._stopping.is_set():
+                for notify in conn.notifies(timeout=_POLL):
+                    try:
+                        sender, items = decode_announcement(notify.payload)
+                    except ValueError:
+                        log.warning("ignored a malformed announcement on %s", notify.channel)
+                        continue
+                    if sender != origin:
+                        try:
+                            self._on_items(items)
+                        except Exception:  # one failed push must not stop the listening
+                            log.exception("pushing announced messages failed")
+                    if self._stopping.is_set():
+                        break
+        finally:
+            self.listening.clear()
+            conn.close()
