@@ -7,7 +7,7 @@ import re
 import time
 from collections.abc import Callable
 
-from chatserver.client import ChatClient
+from chatserver.client import ChatClient, ServerError
 from chatserver.protocol import Notice, Push
 
 PASSWORD = "correct horse battery"  # >= 8 characters, as the server requires
@@ -95,3 +95,12 @@ def log_lines(server, pattern: str) -> list[str]:
     """Lines of the server's log matching the regular expression ``pattern``."""
     rx = re.compile(pattern)
     return [line for line in server.log.splitlines() if rx.search(line)]
+
+
+def error_code(call: Callable[[], object]) -> str:
+    """The code of the ServerError that ``call`` raises (fails if it succeeds)."""
+    try:
+        result = call()
+    except ServerError as exc:
+        return exc.code
+    raise AssertionError(f"expected an error reply, got {result!r}")

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import subprocess
 
-import pytest
-
-from chatserver.client import ServerError
 from chatserver.protocol import AccountDeleted, DeleteAccount, Notice
 
-from .helpers import PASSWORD, drain, fetch_all, next_notice, next_push
-
-
-def error_code(call) -> str:
-    with pytest.raises(ServerError) as info:
-        call()
-    return info.value.code
+from .helpers import PASSWORD, drain, error_code, fetch_all, next_notice, next_push
 
 
 def test_wrong_password_is_invalid_credentials_and_changes_nothing(user, connect):

@@ -17,14 +17,7 @@ from chatserver.protocol import (
     Send,
 )
 
-from .helpers import PASSWORD, next_push, pushes_until
-
-
-def error_code(call) -> str:
-    with pytest.raises(ServerError) as info:
-        call()
-    return info.value.code
-
+from .helpers import PASSWORD, error_code, next_push, pushes_until
 
 # -- register ---------------------------------------------------------------------------------
 

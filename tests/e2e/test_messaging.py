@@ -9,13 +9,7 @@ import pytest
 from chatserver.client import ServerError
 from chatserver.protocol import Push, Sent
 
-from .helpers import PASSWORD, drain, fetch_all, next_push, pushes_until
-
-
-def error_code(call) -> str:
-    with pytest.raises(ServerError) as info:
-        call()
-    return info.value.code
+from .helpers import PASSWORD, drain, error_code, fetch_all, next_push, pushes_until
 
 
 def now_ms() -> int:

@@ -5,19 +5,9 @@ from __future__ import annotations
 
 import subprocess
 
-import pytest
-
-from chatserver.client import ServerError
-
-from .helpers import PASSWORD, drain, next_notice, next_push
+from .helpers import PASSWORD, drain, error_code, next_notice, next_push
 
 NEW_PASSWORD = "a brand new password"
-
-
-def error_code(call) -> str:
-    with pytest.raises(ServerError) as info:
-        call()
-    return info.value.code
 
 
 def admin(root_conftest, server, *args: str, stdin: str | None = None) -> None:

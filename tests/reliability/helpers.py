@@ -12,11 +12,10 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from chatserver.client import ChatClient, ConnectionLost, ServerError
-from tests.e2e.helpers import fetch_everything, wait_until  # noqa: F401 - used by the tests here
+from tests.e2e.helpers import error_code, fetch_everything, wait_until  # noqa: F401 - used by the tests here
 from tests.e2e.rawframes import Closed, RawClient
 
 PASSWORD = "reliable password"  # >= 8 characters, as the server requires
@@ -100,17 +99,6 @@ def integrity_check(db_path: Path) -> str:
         return "\n".join(row[0] for row in conn.execute("PRAGMA integrity_check"))
     finally:
         conn.close()
-
-
-# -- client conveniences --------------------------------------------------------------------
-
-def error_code(call: Callable[[], object]) -> str:
-    """The code of the ServerError that ``call`` raises (fails if it succeeds)."""
-    try:
-        result = call()
-    except ServerError as exc:
-        return exc.code
-    raise AssertionError(f"expected an error reply, got {result!r}")
 
 
 # -- raw peers ------------------------------------------------------------------------------
