@@ -151,20 +151,12 @@ class ChatService:
 
     def password_versions(self, account_ids: list[int]) -> dict[int, int]:
         """The ``password_version`` of each of these accounts that still exists (a missing
-        id was deleted); read in chunks to bound the statement."""
-        found: dict[int, int] = {}
-        for start in range(0, len(account_ids), 500):
-            chunk = account_ids[start:start + 500]
-            found.update(self.db.read(lambda repo: repo.password_versions(chunk)))
-        return found
+        id was deleted)."""
+        return self.db.read(lambda repo: repo.password_versions(account_ids))
 
     def undelivered_messages(self, message_ids: list[int]) -> list[StoredMessage]:
-        """These messages, those not acknowledged yet (read in chunks to bound the statement)."""
-        found: list[StoredMessage] = []
-        for start in range(0, len(message_ids), 500):
-            chunk = message_ids[start:start + 500]
-            found += self.db.read(lambda repo, chunk=chunk: repo.messages_by_ids(chunk))
-        return found
+        """These messages, those not acknowledged yet."""
+        return self.db.read(lambda repo: repo.messages_by_ids(message_ids))
 
     def undelivered_total(self) -> int:
         return self.db.read(lambda repo: repo.count_all_undelivered())

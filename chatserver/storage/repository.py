@@ -262,12 +262,12 @@ class Repository:
 
     def password_versions(self, account_ids: Iterable[int]) -> dict[int, int]:
         """``password_version`` of each of these accounts that still exists."""
-        ids = list(account_ids)
-        if not ids:
-            return {}
-        rows = self.conn.execute(
-            select(accounts.c.id, accounts.c.password_version).where(accounts.c.id.in_(ids)))
-        return {r[0]: r[1] for r in rows}
+        found: dict[int, int] = {}
+        for chunk in _chunks(account_ids):
+            rows = self.conn.execute(select(accounts.c.id, accounts.c.password_version)
+                                     .where(accounts.c.id.in_(chunk)))
+            found.update((r[0], r[1]) for r in rows)
+        return found
 
     def record_login(self, account_id: int, now: int) -> None:
         self.conn.execute(
@@ -611,12 +611,12 @@ class Repository:
 
     def messages_by_ids(self, message_ids: Iterable[int]) -> list[StoredMessage]:
         """These messages, those still undelivered, by id."""
-        ids = list(message_ids)
-        if not ids:
-            return []
-        rows = self.conn.execute(
-            select(*_MESSAGE_COLUMNS).where(messages.c.id.in_(ids)).order_by(messages.c.id))
-        return [_message(r) for r in rows]
+        found: list[StoredMessage] = []
+        for chunk in _chunks(sorted(message_ids)):
+            rows = self.conn.execute(
+                select(*_MESSAGE_COLUMNS).where(messages.c.id.in_(chunk)).order_by(messages.c.id))
+            found += [_message(r) for r in rows]
+        return found
 
     def notify(self, channel: str, payload: str) -> None:
         """PostgreSQL: NOTIFY ``channel`` at this transaction's commit (storage/announce.py)."""
