@@ -249,16 +249,18 @@ def purge(db: Database, *, messages_before: int | None = None,
 
     receipts = 0
     if receipts_before is not None and plan.receipts:
-        while True:
+        after = None
+        while True:  # one pass over the receipts' key, batch_size rows per transaction
             with db.unit_of_work() as uow:
-                deleted = uow.repo.delete_receipts_created_before(receipts_before, batch_size)
+                deleted, after = uow.repo.delete_receipts_created_before(
+                    receipts_before, after, batch_size)
                 uow.commit()
-            if not deleted:
-                break
             receipts += deleted
             done = min(done + deleted, total)
             if progress:
                 progress(done, total)
+            if after is None:
+                break
 
     if progress:
         progress(total, total)

@@ -35,13 +35,12 @@ CREATE TABLE accounts (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL)
 CREATE TABLE messages (
     id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
     recipient_id INTEGER NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
-    sender_id INTEGER REFERENCES accounts (id) ON DELETE SET NULL,
+    sender_id INTEGER,
     sender_name VARCHAR(32) NOT NULL,
     sent_at BIGINT NOT NULL,
     body TEXT NOT NULL
 );
 CREATE INDEX ix_messages_recipient_id_id ON messages (recipient_id, id);
-CREATE INDEX ix_messages_sender_id ON messages (sender_id);
 INSERT INTO accounts (name) VALUES ('sender'), ('recipient');
 """
 _INSERT = ("INSERT INTO messages (recipient_id, sender_id, sender_name, sent_at, body) "

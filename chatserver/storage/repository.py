@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
-from sqlalchemy import Connection, and_, delete, func, insert, select, update
+from sqlalchemy import Connection, and_, delete, func, insert, literal, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from chatserver.domain import (
@@ -306,9 +306,7 @@ class Repository:
         # not depend on the foreign_keys pragma of whoever opened the file.
         self.conn.execute(delete(messages).where(messages.c.recipient_id == account_id))
         self.conn.execute(delete(send_receipts).where(send_receipts.c.sender_id == account_id))
-        self.conn.execute(
-            update(messages).where(messages.c.sender_id == account_id).values(sender_id=None)
-        )
+        # The messages it sent stay as they are (sender_id is a record, not a reference).
         self.conn.execute(delete(accounts).where(accounts.c.id == account_id))
         self.forget_cached()  # rare: simpler to start over than to find every trace of it
         return discarded
@@ -734,21 +732,30 @@ class Repository:
             .where(send_receipts.c.created_at < cutoff)
         ).scalar_one()
 
-    def delete_receipts_created_before(self, cutoff: int, limit: int) -> int:
-        """Delete at most ``limit`` of the oldest send receipts created before ``cutoff``."""
-        keys = self.conn.execute(
-            select(send_receipts.c.sender_id, send_receipts.c.client_msg_id)
-            .where(send_receipts.c.created_at < cutoff)
-            .order_by(send_receipts.c.created_at)
-            .limit(limit)
-        ).all()
-        if not keys:
-            return 0
+    def delete_receipts_created_before(self, cutoff: int, after: tuple[int, str] | None,
+                                       limit: int) -> tuple[int, tuple[int, str] | None]:
+        """Look at the next ``limit`` send receipts in key order after the key ``after``
+        (None: from the start) and delete those created before ``cutoff``. Returns how many
+        were deleted and the key to go on after (None once the walk is done).
+
+        A walk of the primary key, ``limit`` rows per call, whatever their age: there is no
+        index on ``created_at`` (every send would pay for it), and each call then holds the
+        write lock for a bounded time.
+        """
+        key = (send_receipts.c.sender_id, send_receipts.c.client_msg_id)
+        query = select(*key, send_receipts.c.created_at).order_by(*key).limit(limit)
+        if after is not None:
+            # Typed binds: on PostgreSQL client_msg_id is stored as bytes (NulSafeString).
+            query = query.where(tuple_(*key) > tuple_(*(literal(v, c.type) for v, c in zip(after, key))))
+        rows = self.conn.execute(query).all()
+        if not rows:
+            return 0, None
+        old = [(r[0], r[1]) for r in rows if r[2] < cutoff]
         deleted = 0
-        for sender_id, ids in _by_sender(keys).items():  # primary-key searches, no scan
+        for sender_id, ids in _by_sender(old).items():  # primary-key searches, no scan
             for chunk in _chunks(ids):
                 deleted += self.conn.execute(
                     delete(send_receipts).where(send_receipts.c.sender_id == sender_id,
                                                 send_receipts.c.client_msg_id.in_(chunk))
                 ).rowcount
-        return deleted
+        return deleted, (rows[-1][0], rows[-1][1]) if len(rows) == limit else None

@@ -104,10 +104,12 @@ class MessageRow(Base):
     recipient_id: Mapped[int] = mapped_column(
         ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False
     )
-    # The sender's name is copied so its messages stay deliverable after it is deleted.
-    sender_id: Mapped[int | None] = mapped_column(
-        ForeignKey("accounts.id", ondelete="SET NULL"), nullable=True, index=True
-    )
+    # The sender's name is copied so its messages stay deliverable after it is deleted. Its
+    # id is a record of who sent it, not a reference: no foreign key and no index, since
+    # keeping either up to date cost every send a B-tree page (migration 0004). After the
+    # sender's deletion it names no account (ids are never reused); NULL in messages whose
+    # sender was deleted before that migration.
+    sender_id: Mapped[int | None] = mapped_column(Id, nullable=True)
     sender_name: Mapped[str] = mapped_column(String(32))
     sent_at: Mapped[int] = mapped_column(BigInteger)
     body: Mapped[str] = mapped_column(NulSafeText)
@@ -120,13 +122,16 @@ class SendReceiptRow(Base):
     """
 
     __tablename__ = "send_receipts"
+    # SQLite: the table is its primary key's B-tree (no rowid table beside it), so storing a
+    # receipt writes one page, not two. Purges walk that key (no index on created_at).
+    __table_args__ = {"sqlite_with_rowid": False}
 
     sender_id: Mapped[int] = mapped_column(
         ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
     )
     client_msg_id: Mapped[str] = mapped_column(NulSafeString(64), primary_key=True)
     message_id: Mapped[int] = mapped_column(BigInteger)
-    created_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
 
 
 accounts = AccountRow.__table__

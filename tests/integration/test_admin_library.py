@@ -172,6 +172,28 @@ def test_purge_receipts_only(db):
     assert len(message_ids(db)) == 6  # the messages themselves stay
 
 
+def test_purge_receipts_walks_every_key_whatever_the_ages_in_between(db):
+    """Receipts are purged by a walk of their key (no created_at index): old ones after
+    long runs of recent ones, of any sender, are all found; the recent ones all stay."""
+    alice, bob, carol = (add_account(db, n) for n in ("alice", "bob", "carol"))
+    kept = set()
+    for sender in (alice, carol):
+        for i in range(7):
+            old = i % 3 == 2  # keys c0..c6: recent, recent, old, recent, recent, old, recent
+            add_message(db, sender, bob, NOW - (20 if old else 1) * DAY, client_msg_id=f"c{i}")
+            if not old:
+                kept.add((sender.id, f"c{i}"))
+    seen = []
+    done = admin.purge(db, receipts_before=admin.cutoff(7, NOW), batch_size=2,
+                       progress=lambda d, t: seen.append((d, t)))
+    assert done.receipts == 4
+    left = db.read(lambda repo: repo.conn.execute(
+        select(send_receipts.c.sender_id, send_receipts.c.client_msg_id)).all())
+    assert {(r[0], r[1]) for r in left} == kept
+    assert seen[0] == (0, 4) and seen[-1] == (4, 4)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
 def test_purge_with_nothing_old(db):
     alice, bob = add_account(db, "alice"), add_account(db, "bob")
     add_message(db, bob, alice, NOW)

@@ -78,11 +78,20 @@ def test_receipt_purge_deletes_by_the_key(db):
                              for s in (alice, bob) for i in range(4)])
 
     plans_of(db, store)
-    deleted = []
-    plans = plans_of(db, lambda repo: deleted.append(
-        repo.delete_receipts_created_before(cutoff=10, limit=5)))
-    assert deleted == [5]
+    results = []
+    plans = plans_of(db, lambda repo: results.append(
+        repo.delete_receipts_created_before(cutoff=10, after=None, limit=5)))
+    assert results[0][0] == 5
+    after = results[0][1]
+    plans += plans_of(db, lambda repo: results.append(
+        repo.delete_receipts_created_before(cutoff=10, after=after, limit=5)))
+    assert results[1] == (3, None)  # the walk ended: fewer than 5 rows were left
     deletes = [(sql, plan) for sql, plan in plans if sql.lstrip().upper().startswith("DELETE")]
     assert deletes
     for sql, plan in deletes:
         assert not any(step.startswith("SCAN send_receipts") for step in plan), (sql, plan)
+    # The walk resumes by searching the key, not by scanning up to where it stopped.
+    resumed = [(sql, plan) for sql, plan in plans if "ORDER BY" in sql and ">" in sql]
+    assert resumed
+    for sql, plan in resumed:
+        assert any(step.startswith("SEARCH send_receipts") for step in plan), (sql, plan)

@@ -371,7 +371,7 @@ def test_delete_account_drops_incoming_keeps_sent(db, people):
     assert db.read(lambda repo: repo.account_id_by_key("alice")) is None
     assert raw(db, "SELECT COUNT(*) FROM messages WHERE recipient_id = ?", (alice.id,)) == [(0,)]
     assert raw(db, "SELECT COUNT(*) FROM send_receipts WHERE sender_id = ?", (alice.id,)) == [(0,)]
-    # What Alice sent stays deliverable, under her name, with no dangling sender id.
+    # What Alice sent stays deliverable, under her name; it keeps her (now unused) id.
     found = db.read(lambda repo: repo.undelivered(bob.id, 100))
     assert [(m.id, m.sender, m.body) for m in found[:2]] == [
         (sent1, "Alice", "from alice 1"),
@@ -379,7 +379,7 @@ def test_delete_account_drops_incoming_keeps_sent(db, people):
     ]
     assert [m.body for m in found] == ["from alice 1", "from alice 2", "carol to bob"]
     assert raw(db, "SELECT sender_id, sender_name FROM messages WHERE id IN (?, ?)",
-               (sent1, sent2)) == [(None, "Alice"), (None, "Alice")]
+               (sent1, sent2)) == [(alice.id, "Alice"), (alice.id, "Alice")]
     # Nothing else was touched.
     assert bodies(db, carol) == []
     assert db.read(lambda repo: repo.get(bob.id)) == bob
@@ -388,7 +388,7 @@ def test_delete_account_drops_incoming_keeps_sent(db, people):
 
 def test_delete_account_with_foreign_keys_off_gives_the_same_result(db, people):
     """The repository deletes explicitly, so a process with foreign_keys=OFF (SQLite's
-    default, e.g. a plain engine) leaves no orphan rows and no dangling sender ids."""
+    default, e.g. a plain engine) leaves no orphan rows."""
     alice, bob = people["Alice"], people["Bob"]
     sent = add_message(db, alice, bob, "from alice")
     add_message(db, bob, alice, "to alice")
@@ -400,7 +400,7 @@ def test_delete_account_with_foreign_keys_off_gives_the_same_result(db, people):
     finally:
         plain.dispose()
     assert raw(db, "SELECT sender_id, sender_name FROM messages WHERE id = ?", (sent,)) == [
-        (None, "Alice")]
+        (alice.id, "Alice")]
     assert raw(db, "SELECT COUNT(*) FROM messages WHERE recipient_id = ?", (alice.id,)) == [(0,)]
     assert raw(db, "PRAGMA foreign_key_check") == []
 

@@ -91,7 +91,6 @@ def test_recipient_replaced_by_another_process_gets_the_new_account(service, db,
 
 def test_sender_deleted_by_another_process_is_refused(service, db, alice, bob):
     service.send(alice, "Bob", "warm the cache")
-    other_process(db, "UPDATE messages SET sender_id = NULL WHERE sender_id = ?", (alice.id,))
     other_process(db, "DELETE FROM send_receipts WHERE sender_id = ?", (alice.id,))
     other_process(db, "DELETE FROM accounts WHERE id = ?", (alice.id,))
     with pytest.raises(InvalidCredentials):

@@ -37,7 +37,7 @@ from chatserver.storage.tables import Base
 from chatserver.storage.writer import GroupCommitWriter
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-HEAD = "0003"
+HEAD = "0004"
 FAST_HASH = HashParameters(time_cost=1, memory_kib=64, parallelism=1)
 
 
@@ -118,6 +118,7 @@ def schema(path: Path) -> dict:
                                   for u in insp.get_unique_constraints(table)),
                 # Ids are never reused only while the table says AUTOINCREMENT.
                 "autoincrement": "AUTOINCREMENT" in sql[table].upper(),
+                "without_rowid": "WITHOUT ROWID" in sql[table].upper(),
             }
         return result
     finally:
@@ -147,7 +148,7 @@ def test_single_head():
 def test_revisions_form_one_line_from_base():
     script = ScriptDirectory.from_config(alembic_config())
     chain = [r.revision for r in reversed(list(script.walk_revisions()))]
-    assert chain == ["0001", "0002", "0003"]
+    assert chain == ["0001", "0002", "0003", "0004"]
     for rev in script.walk_revisions():
         assert rev.module.__doc__, f"revision {rev.revision} has no docstring"
 
@@ -181,7 +182,13 @@ def test_every_schema_property_the_code_relies_on(tmp_path):
     assert ("uq_accounts_name_key", ("name_key",)) in s["accounts"]["uniques"]
     assert ("ix_messages_recipient_id_id", ("recipient_id", "id"), False) in s["messages"]["indexes"]
     ondelete = {fk[1]: fk[4] for fk in s["messages"]["fks"]}
-    assert ondelete == {("recipient_id",): "CASCADE", ("sender_id",): "SET NULL"}
+    # sender_id is a record, not a reference (0004): deleting a sender rewrites nothing.
+    assert ondelete == {("recipient_id",): "CASCADE"}
+    assert [i[0] for i in s["messages"]["indexes"]] == ["ix_messages_recipient_id_id"]
+    # A receipt is one B-tree entry: its key (0004); purges walk that key.
+    assert s["send_receipts"]["without_rowid"] and s["send_receipts"]["indexes"] == []
+    assert s["send_receipts"]["pk"] == ["sender_id", "client_msg_id"]
+    assert {fk[1]: fk[4] for fk in s["send_receipts"]["fks"]} == {("sender_id",): "CASCADE"}
 
 
 def test_each_revision_up_down_up(tmp_path):
@@ -335,7 +342,8 @@ def old_db(tmp_path, hasher) -> Path:
 
 
 def dump(path: Path, table: str, columns_: str = "*") -> list[tuple]:
-    return query(path, f"SELECT {columns_} FROM {table} ORDER BY rowid")
+    key = "sender_id, client_msg_id" if table == "send_receipts" else "id"  # no rowid there
+    return query(path, f"SELECT {columns_} FROM {table} ORDER BY {key}")
 
 
 def test_data_migration_keeps_every_row(old_db):
@@ -428,6 +436,73 @@ def test_upgrade_from_0002_keeps_every_row_and_starts_versions_at_0(tmp_path, ha
         assert db.read(lambda repo: repo.password_versions([1, 2, 3])) == {1: 1, 2: 0}
     finally:
         db.dispose()
+
+
+def test_upgrade_from_0003_keeps_every_row_and_the_message_counter(tmp_path):
+    """0003 -> 0004 rebuilds ``messages`` (no sender foreign key) and ``send_receipts``
+    (WITHOUT ROWID) on SQLite: every row stays, and so does the AUTOINCREMENT counter, which
+    is above the largest id left when the newest messages were acknowledged."""
+    path = build(tmp_path / "at-0003.db", "0003")
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO accounts VALUES (1, 'Alice', 'alice', 'h1', 100, 500, 2)")
+    conn.execute("INSERT INTO accounts VALUES (2, 'Bob', 'bob', 'h2', 200, NULL, 0)")
+    conn.executemany("INSERT INTO messages VALUES (?, 2, ?, ?, ?, ?)", [
+        (7, 1, "Alice", 300, "hello"),
+        (8, None, "Carol", 310, "from a sender deleted before the upgrade"),
+        (9, 1, "Alice", 320, "h\u00e9llo\x00 with a NUL"),
+        (12, 1, "Alice", 330, "acknowledged below"),
+    ])
+    conn.execute("DELETE FROM messages WHERE id = 12")  # the counter stays at 12
+    conn.executemany("INSERT INTO send_receipts VALUES (?, ?, ?, ?)", [
+        (1, "c-2", 9, 320), (1, "c-1", 7, 300), (2, "c-1", 12, 330)])
+    conn.commit()
+    conn.close()
+    before = {t: dump(path, t) for t in ("accounts", "messages", "send_receipts")}
+    assert query(path, "SELECT seq FROM sqlite_sequence WHERE name = 'messages'") == [(12,)]
+
+    db = Database(str(path))
+    try:
+        status = ensure_schema(db)
+        assert (status.state, status.current, status.head) == ("behind", "0003", HEAD)
+    finally:
+        db.dispose()
+    assert {t: dump(path, t) for t in before} == before
+    assert query(path, "SELECT seq FROM sqlite_sequence WHERE name = 'messages'") == [(12,)]
+    s = schema(path)
+    assert s["send_receipts"]["without_rowid"] and s["messages"]["autoincrement"]
+    assert model_diffs(path) == []
+    assert query(path, "PRAGMA foreign_key_check") == []
+    assert query(path, "PRAGMA integrity_check") == [("ok",)]
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO messages (recipient_id, sender_id, sender_name, sent_at, body) "
+                 "VALUES (2, 1, 'Alice', 400, 'after')")
+    new_id = conn.execute("SELECT MAX(id) FROM messages").fetchone()[0]
+    conn.commit()
+    conn.close()
+    assert new_id == 13  # not 10: id 12 was used, and ids are never reused
+
+
+def test_downgrade_from_0004_clears_the_ids_of_deleted_senders(tmp_path):
+    """At 0004 a deleted sender's messages keep its id; the old foreign key (ON DELETE SET
+    NULL) would have cleared it, so the downgrade does, and the data passes its check."""
+    path = build(tmp_path / "chat.db")
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO accounts VALUES (1, 'Alice', 'alice', 'h1', 100, 500, 0)")
+    conn.execute("INSERT INTO accounts VALUES (2, 'Bob', 'bob', 'h2', 200, NULL, 0)")
+    conn.execute("INSERT INTO accounts VALUES (3, 'Carol', 'carol', 'h3', 200, NULL, 0)")
+    conn.execute("INSERT INTO messages VALUES (7, 2, 1, 'Alice', 300, 'from alice')")
+    conn.execute("INSERT INTO messages VALUES (8, 2, 3, 'Carol', 310, 'from carol')")
+    conn.execute("INSERT INTO send_receipts VALUES (3, 'c-1', 8, 310)")
+    conn.execute("DELETE FROM accounts WHERE id = 3")  # Carol's message keeps her id
+    conn.execute("DELETE FROM send_receipts WHERE sender_id = 3")
+    conn.commit()
+    conn.close()
+    assert dump(path, "messages", "id, sender_id") == [(7, 1), (8, 3)]
+    command.downgrade(url_config(path), "0003")
+    assert dump(path, "messages") == [(7, 2, 1, "Alice", 300, "from alice"),
+                                      (8, 2, None, "Carol", 310, "from carol")]
+    assert query(path, "PRAGMA foreign_key_check") == []
+    assert not schema(path)["send_receipts"]["without_rowid"]
 
 
 def test_failed_upgrade_leaves_the_database_at_its_revision(old_db):

@@ -30,7 +30,7 @@ def test_admin_migrate_then_serve(old_db):
     result = subprocess.run(chat_command("admin", "migrate", "--db", str(old_db)),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert revision_of(old_db) == "0003"
+    assert revision_of(old_db) == "0004"
     assert len(backups_of(old_db)) == 1
     server = ServerProcess(old_db, ["--no-migrate"]).start()
     try:
@@ -42,11 +42,11 @@ def test_admin_migrate_then_serve(old_db):
 def test_serve_backs_up_and_upgrades_then_serves(old_db):
     server = ServerProcess(old_db).start()
     try:
-        assert revision_of(old_db) == "0003"
+        assert revision_of(old_db) == "0004"
         backups = backups_of(old_db)
         assert len(backups) == 1 and revision_of(backups[0]) == "0001"
         assert fetch_inbox(server, "Alice") == ALICE_INBOX
     finally:
         assert server.stop() == 0
     log = server.log
-    assert "backed up" in log and "upgraded from 0001 to 0003" in log
+    assert "backed up" in log and "upgraded from 0001 to 0004" in log

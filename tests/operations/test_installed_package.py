@@ -33,7 +33,7 @@ def test_chat_serve_from_another_directory_creates_its_database(tmp_path):
     listing = subprocess.run([str(CHAT), "admin", "db-status", "--db", str(tmp_path / "x.db")],
                              cwd=elsewhere, capture_output=True, text=True, env=env, timeout=60)
     assert listing.returncode == 0, listing.stderr
-    assert "0003" in listing.stdout
+    assert "0004" in listing.stdout
     assert list(elsewhere.iterdir()) == []  # nothing written where it was run from
 
 
@@ -44,4 +44,4 @@ def test_the_migrations_are_package_data():
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "['0001_baseline.py', '0002_last_login.py', '0003_password_version.py']"
+    assert out.stdout.strip() == "['0001_baseline.py', '0002_last_login.py', '0003_password_version.py', '0004_fewer_pages_per_send.py']"

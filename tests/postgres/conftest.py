@@ -203,8 +203,6 @@ def raw(db: Database, sql: str, params: tuple = ()) -> list[tuple]:
 FOREIGN_KEY_ORPHANS = """
     SELECT 'messages', m.id FROM messages m
         WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.id = m.recipient_id)
-           OR (m.sender_id IS NOT NULL
-               AND NOT EXISTS (SELECT 1 FROM accounts a WHERE a.id = m.sender_id))
     UNION ALL
     SELECT 'send_receipts', r.sender_id FROM send_receipts r
         WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.id = r.sender_id)
