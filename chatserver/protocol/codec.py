@@ -14,7 +14,7 @@ from operator import attrgetter
 from typing import Any
 
 from .errors import LocalProtocolError, RemoteProtocolError
-from .events import ALL_EVENTS, Boolean, Event, Int, ListOf, String, Struct
+from .events import ALL_EVENTS, Boolean, Event, Int, ListOf, Send, String, Struct
 
 # Largest value of a frame's length field (type byte + payload) in either direction. It
 # bounds what a receiver buffers for one frame, so a peer cannot make it allocate more; 1 MiB
@@ -265,6 +265,10 @@ def decode_body(cls: type[Event], body: bytes) -> Event:
     Raises RemoteProtocolError if the payload is short, has bytes left over, or holds a bad
     value (invalid UTF-8, a bool other than 0 or 1).
     """
+    if cls is Send:
+        event = _decode_send(body)
+        if event is not None:
+            return event
     values: list[Any] = []
     end = _DECODERS[cls](body, 1, values)
     if end != len(body):
@@ -274,6 +278,36 @@ def decode_body(cls: type[Event], body: bytes) -> Event:
     event: Event = values[0]
     return event
 
+
+
+# Send's fields, as _decode_send reads them: the event table must still say the same.
+if [(name, getattr(kind, "fmt", None)) for name, kind in Send.WIRE_FIELDS] != [
+        ("request_id", "I"), ("to", "H"), ("client_msg_id", "H"), ("body", "I")]:
+    raise ImportError("Send's wire fields changed: update _decode_send")
+_SEND_HEAD = struct.Struct(">IH")  # request_id, length of ``to``
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_build_send = Send._unchecked
+
+
+def _decode_send(body: bytes) -> Send | None:
+    """The Send that ``decode_body`` builds from a well-formed body, in one straight pass
+    (the server decodes one per message); None for any flaw, which the generic plan then
+    reports with its exact error."""
+    try:
+        request_id, to_len = _SEND_HEAD.unpack_from(body, 1)
+        pos = 7 + to_len
+        cid_len = _U16.unpack_from(body, pos)[0]
+        cid_start = pos + 2
+        text_start = cid_start + cid_len + 4
+        text_len = _U32.unpack_from(body, text_start - 4)[0]
+        if text_start + text_len != len(body):
+            return None
+        return _build_send([request_id, body[7:pos].decode("utf-8"),
+                            body[cid_start:cid_start + cid_len].decode("utf-8"),
+                            body[text_start:].decode("utf-8")])
+    except (struct.error, UnicodeDecodeError):
+        return None
 
 
 _SENT_FRAME = struct.Struct(">IBIQ??")  # length, type, request_id, message_id, pushed, duplicate

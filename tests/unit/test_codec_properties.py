@@ -20,6 +20,7 @@ from chatserver.protocol import (
     NEED_DATA,
     Connection,
     Hello,
+    Send,
     RemoteProtocolError,
     encode_event,
 )
@@ -184,3 +185,52 @@ def test_encoding_is_length_prefixed_and_typed(event):
     data = encode_event(event)
     assert int.from_bytes(data[:4], "big") == len(data) - 4
     assert data[4] == event.TYPE
+
+
+# ---------------------------------------------------------------------------------------
+# The Send fast path (codec._decode_send) against the generic plan it stands in for
+
+
+def _generic(body: bytes):
+    """What the generic plan makes of a Send body: the event, or the error's text."""
+    from chatserver.protocol import codec
+
+    values: list = []
+    try:
+        end = codec._DECODERS[Send](body, 1, values)
+    except RemoteProtocolError as e:
+        return ("error", str(e))
+    return values[0] if end == len(body) else ("error", "left over")
+
+
+@st.composite
+def send_bodies(draw) -> bytes:
+    """Send bodies, well formed or damaged: truncated, extended, a byte flipped."""
+    body = encode_event(draw(struct_strategy(Send)))[4:]
+    damage = draw(st.sampled_from(["none", "cut", "extend", "flip"]))
+    if damage == "cut":
+        return body[:draw(st.integers(0, len(body)))]
+    if damage == "extend":
+        return body + draw(st.binary(min_size=1, max_size=4))
+    if damage == "flip":
+        i = draw(st.integers(1, len(body) - 1))
+        return body[:i] + bytes([draw(st.integers(0, 255))]) + body[i + 1:]
+    return body
+
+
+@SETTINGS
+@given(body=st.one_of(send_bodies(), st.binary(max_size=40).map(lambda b: b"\x06" + b)))
+def test_send_fast_path_agrees_with_the_generic_plan(body):
+    """The fast path decodes exactly what the generic plan decodes, and declines (None, so
+    the plan reports its precise error) whatever the plan refuses."""
+    from chatserver.protocol.codec import _decode_send, decode_body
+
+    fast = _decode_send(body)
+    generic = _generic(body)
+    if isinstance(generic, tuple):
+        assert fast is None
+        with pytest.raises(RemoteProtocolError):
+            decode_body(Send, body)
+    else:
+        assert fast == generic
+        assert decode_body(Send, body) == generic
