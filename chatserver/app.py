@@ -59,7 +59,7 @@ class ChatApp:
             self.server = ChatServer(config, self.service, self.metrics, ssl_context=ssl_context)
             if announcer is not None:
                 self.listener = Listener(self.db.write_engine, announcer,
-                                         self.server.push_announced)
+                                         self.server.push_announced, self.server.push_missed)
                 # Listening before serving: a message stored elsewhere once we answer reaches us.
                 if not self.listener.listening.wait(LISTEN_TIMEOUT):
                     log.warning("not listening for other servers' messages yet; their "

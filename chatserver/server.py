@@ -92,6 +92,10 @@ SHUTDOWN_FLUSH_SECONDS = 2.0
 STOP_READ_BYTES = 8 * 1024 * 1024
 ACCEPTS_PER_TURN = 256  # new connections taken per loop turn, so reads are not starved
 WORKER_THREADS = 8  # blocking requests (hashing is also bounded by passwords.py)
+# PostgreSQL: most messages pushed to this server's sessions after its announcement listener
+# reconnects (storage/announce.py); any more wait for a fetch.
+MAX_CATCH_UP = 10_000
+
 # Room left in a Messages frame for its fixed fields, so a fetch reply never exceeds the limit.
 _MESSAGES_FRAME_OVERHEAD = 64
 
@@ -852,6 +856,24 @@ class ChatServer:
                 if session.push_frame(frame):
                     pushes += 1
                     self.metrics.pushed.inc()
+        return pushes
+
+    def push_missed(self, after_id: int) -> int:
+        """(The announcement listener's thread, listening again after a failure.) Push the
+        undelivered messages above ``after_id`` of the recipients logged in here, at most
+        MAX_CATCH_UP of them (the rest wait for a fetch); returns how many pushes."""
+        online = self.registry.online_account_ids()
+        if not online:
+            return 0
+        pushes = 0
+        for message in self.service.undelivered_after(online, after_id, MAX_CATCH_UP):
+            frame = encode_event(Push(message=message_event(message)))
+            for session in self.registry.sessions_of(message.recipient_id):
+                if session.push_frame(frame):
+                    pushes += 1
+                    self.metrics.pushed.inc()
+        log.info("listening again for other servers' messages; pushed %d stored meanwhile",
+                 pushes)
         return pushes
 
     def end_stale_sessions(self) -> tuple[int, int]:

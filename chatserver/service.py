@@ -158,6 +158,12 @@ class ChatService:
         """These messages, those not acknowledged yet."""
         return self.db.read(lambda repo: repo.messages_by_ids(message_ids))
 
+    def undelivered_after(self, recipient_ids: list[int], after_id: int, limit: int
+                          ) -> list[StoredMessage]:
+        """Undelivered messages of these recipients with ids above ``after_id`` (lowest
+        first, at most ``limit``)."""
+        return self.db.read(lambda repo: repo.undelivered_after(recipient_ids, after_id, limit))
+
     def undelivered_total(self) -> int:
         return self.db.read(lambda repo: repo.count_all_undelivered())
 

@@ -10,8 +10,12 @@ of recipients it holds, and only those not acknowledged in the meantime.
 
 The channel is per schema (NOTIFY is per database, and two deployments may share one
 database in different schemas); a server ignores its own announcements by their origin.
-Delivery stays at least once: an announcement lost (a listener reconnecting) only means the
-recipient gets the message by fetching, as it would have before.
+Delivery stays at least once. Announcements made while a listener is reconnecting are lost
+to it, so once it listens again it catches up: the server pushes the undelivered messages of
+the recipients it holds whose ids are above the highest id it had heard of (announced, or in
+the table when it began listening). A message stored meanwhile by this server itself may
+then be pushed twice (clients drop repeats by id); one stored elsewhere with an id below
+one already heard of, whose announcement was lost, reaches its recipient by fetch.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ CHANNEL_PREFIX = "chat_new_messages_"
 MAX_PAYLOAD = 7900  # bytes; PostgreSQL refuses a NOTIFY payload of 8000 or more
 RECONNECT_DELAY = 1.0  # seconds between attempts to listen again after a failure
 _POLL = 0.5  # seconds: how often the listener checks whether it must stop
+APPLICATION_NAME = "chat announcement listener"  # of its connection, in pg_stat_activity
 
 
 def channel_for(engine: Engine) -> str:
@@ -87,13 +92,20 @@ class Announcer:
 
 class Listener:
     """A thread that LISTENs on the channel and calls ``on_items(pairs)`` for every other
-    server's announcement (on this thread). Reconnects after a failure."""
+    server's announcement (on this thread). Reconnects after a failure, then calls
+    ``on_resumed(after_id)``: announcements of messages with ids above ``after_id`` may have
+    been missed meanwhile."""
 
     def __init__(self, engine: Engine, announcer: Announcer,
-                 on_items: Callable[[list[tuple[int, int]]], None]):
+                 on_items: Callable[[list[tuple[int, int]]], None],
+                 on_resumed: Callable[[int], None] | None = None):
         self._engine = engine
         self._announcer = announcer
         self._on_items = on_items
+        self._on_resumed = on_resumed
+        # The highest message id heard of: announced (by any server), or the table's
+        # highest when listening began. None until the first LISTEN.
+        self.heard_up_to: int | None = None
         self._stopping = threading.Event()
         self.listening = threading.Event()  # set while LISTEN is in effect (for tests)
         self._thread = threading.Thread(target=self._run, name="announcement-listener",
@@ -119,8 +131,19 @@ class Listener:
         raw.detach()  # ours for good: a LISTENing connection must not go back to the pool
         try:
             conn.autocommit = True
+            # Named, so that an operator (or a test) can tell it apart in pg_stat_activity.
+            conn.execute(f"SET application_name = '{APPLICATION_NAME}'")
             conn.execute(f'LISTEN "{self._announcer.channel}"')  # a hex name of ours
+            # Read after LISTEN: anything committed later is announced to this connection.
+            highest = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+            missed_after = self.heard_up_to
+            self.heard_up_to = max(missed_after or 0, highest)
             self.listening.set()
+            if missed_after is not None and self._on_resumed is not None:
+                try:
+                    self._on_resumed(missed_after)
+                except Exception:  # the catch-up is a courtesy: fetch still finds them
+                    log.exception("pushing the messages stored while not listening failed")
             origin = self._announcer.origin
             while not self._stopping.is_set():
                 for notify in conn.notifies(timeout=_POLL):
@@ -129,6 +152,7 @@ class Listener:
                     except ValueError:
                         log.warning("ignored a malformed announcement on %s", notify.channel)
                         continue
+                    self.heard_up_to = max(self.heard_up_to, max(m for _, m in items))
                     if sender != origin:
                         try:
                             self._on_items(items)

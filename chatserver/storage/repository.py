@@ -616,6 +616,20 @@ class Repository:
             found += [_message(r) for r in rows]
         return found
 
+    def undelivered_after(self, recipient_ids: Iterable[int], after_id: int, limit: int
+                          ) -> list[StoredMessage]:
+        """The undelivered messages of these recipients with ids above ``after_id``, lowest
+        id first, at most ``limit``."""
+        found: list[StoredMessage] = []
+        for chunk in _chunks(sorted(set(recipient_ids))):
+            rows = self.conn.execute(
+                select(*_MESSAGE_COLUMNS)
+                .where(messages.c.recipient_id.in_(chunk), messages.c.id > after_id)
+                .order_by(messages.c.id).limit(limit))
+            found += [_message(r) for r in rows]
+        found.sort(key=lambda m: m.id)
+        return found[:limit]
+
     def notify(self, channel: str, payload: str) -> None:
         """PostgreSQL: NOTIFY ``channel`` at this transaction's commit (storage/announce.py)."""
         self.conn.execute(select(func.pg_notify(channel, payload)))

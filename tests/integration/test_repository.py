@@ -108,6 +108,29 @@ def test_messages_by_ids_returns_the_undelivered_ones_in_id_order(db):
     assert db.read(lambda repo: repo.messages_by_ids([])) == []
 
 
+def test_undelivered_after_gives_the_recipients_newer_undelivered_messages(db):
+    alice, bob, carol = (add_account(db, n) for n in ("Alice", "Bob", "Carol"))
+    to_bob = [add_message(db, alice, bob, f"b{i}", now=100 + i) for i in range(4)]
+    to_carol = [add_message(db, alice, carol, f"c{i}", now=200 + i) for i in range(2)]
+    to_alice = add_message(db, bob, alice, "a0", now=300)
+    with db.unit_of_work() as uow:
+        assert uow.repo.delete_messages(bob.id, [to_bob[2]]) == 1  # acknowledged
+        uow.commit()
+
+    def after(recipients, after_id, limit=100):
+        return [m.id for m in db.read(
+            lambda repo: repo.undelivered_after(recipients, after_id, limit))]
+
+    assert after([bob.id, carol.id], to_bob[0]) == [to_bob[1], to_bob[3]] + to_carol
+    assert after([bob.id, carol.id], to_bob[0], limit=2) == [to_bob[1], to_bob[3]]
+    assert after([carol.id, carol.id], 0) == to_carol
+    assert after([alice.id], to_alice) == []
+    assert after([], 0) == []
+    found = db.read(lambda repo: repo.undelivered_after([bob.id], to_bob[2], 10))
+    assert [(m.id, m.sender, m.recipient_id, m.sent_at, m.body) for m in found] == [
+        (to_bob[3], "Alice", bob.id, 103, "b3")]
+
+
 def test_name_is_unique_by_key(db):
     add_account(db, "Alice")
     with pytest.raises(NameTaken) as err:

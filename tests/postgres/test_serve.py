@@ -162,7 +162,7 @@ def test_a_server_that_loses_its_listening_connection_listens_again(new_postgres
     server_b = pg_server_factory(pg_url, SERVER_ARGS)
     engine = create_engine(pg_url)
     listeners = text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                     "AND query LIKE 'LISTEN %'")
+                     "AND application_name = 'chat announcement listener'")
     alice, bob = server_a.client(), server_b.client()
     try:
         alice.register("alice", PASSWORD)
@@ -191,3 +191,53 @@ def test_a_server_that_loses_its_listening_connection_listens_again(new_postgres
     assert server_a.stop() == 0, server_a.log
     assert server_b.stop() == 0, server_b.log
     assert "listening for other servers' messages failed" in server_a.log + server_b.log
+
+
+def test_messages_stored_while_a_server_was_not_listening_are_pushed_when_it_listens_again(
+        new_postgres_database, pg_server_factory):
+    """A message stored through A while B's listening connection is down is never announced
+    to B. Once B listens again it pushes what it missed to the recipients it holds, instead
+    of leaving it for their next fetch."""
+    from sqlalchemy import create_engine, text
+
+    pg_url = new_postgres_database()
+    migrate(pg_url)
+    server_a = pg_server_factory(pg_url, SERVER_ARGS)
+    server_b = pg_server_factory(pg_url, SERVER_ARGS)
+    engine = create_engine(pg_url)
+    listeners = text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                     "AND application_name = 'chat announcement listener'")
+    alice, bob = server_a.client(), server_b.client()
+    try:
+        alice.register("alice", PASSWORD)
+        bob.register("bob", PASSWORD)
+        before = alice.send("bob", "heard")  # announced: B pushes it
+        assert bob.pushes.get(timeout=WAIT).message.id == before.message_id
+        assert bob.ack([before.message_id]) == 1
+        with engine.connect() as conn:
+            old = {r[0] for r in conn.execute(listeners)}
+            assert len(old) == 2
+            for pid in old:
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        for _ in range(int(WAIT / 0.01)):  # bounded: until both listening backends are gone
+            with engine.connect() as conn:
+                if not {r[0] for r in conn.execute(listeners)} & old:
+                    break
+            time.sleep(0.01)
+        # Nobody listens now (a server waits a second before listening again): no server
+        # hears of these, so only B's catch-up can push them to Bob.
+        missed = [alice.send("bob", f"missed {i}") for i in range(3)]
+        pushed = [bob.pushes.get(timeout=WAIT) for _ in missed]
+        assert [p.message.id for p in pushed] == [m.message_id for m in missed]
+        assert [p.message.body for p in pushed] == ["missed 0", "missed 1", "missed 2"]
+        assert bob.ack([m.message_id for m in missed]) == 3
+        after = alice.send("bob", "heard again")  # and announcements work again
+        assert bob.pushes.get(timeout=WAIT).message.id == after.message_id
+        assert bob.pushes.empty()  # the message acknowledged before the loss is not pushed again
+    finally:
+        alice.close()
+        bob.close()
+        engine.dispose()
+    assert server_a.stop() == 0, server_a.log
+    assert server_b.stop() == 0, server_b.log
+    assert "pushed 3 stored meanwhile" in server_b.log, server_b.log
