@@ -44,9 +44,13 @@ def _address(value: str | None) -> tuple[str, int] | None:
 @click.option("--limits", "with_limits", is_flag=True,
               help="Also measure this machine's ceilings (SQLite commits, loopback round trip) "
                    "and report each result as a ratio to its ceiling.")
+@click.option("--repeat", type=click.IntRange(1, 20), default=1, show_default=True,
+              help="Run the workloads this many rounds, one after another, and report for "
+                   "each row the round with the median throughput (with every round's "
+                   "figure in its notes): steadier on a machine whose speed drifts.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of the table.")
 def bench(target, server_pid, sync, workloads, duration, scale, processes, with_limits,
-          as_json) -> None:
+          repeat, as_json) -> None:
     """Measure the server: throughput, latency, server CPU and memory per workload.
 
     Each workload gets its own `chat serve` on a temporary database (per-account send rate
@@ -65,12 +69,14 @@ def bench(target, server_pid, sync, workloads, duration, scale, processes, with_
       chat bench                                   # everything, the sizes of the issue
       chat bench --limits --sync normal --json > bench.json
       chat bench --workload sends-1 --workload drain --scale 0.01 --duration 1
+      chat bench --workload sends-1 --workload sends-8 --repeat 5   # medians of 5 rounds
     """
     if server_pid and not target:
         raise click.UsageError("--server-pid goes with --target")
     options = BenchOptions(target=target, server_pid=server_pid, sync=sync,
                            workloads=tuple(workloads) or WORKLOADS, duration=duration,
-                           scale=scale, processes=processes, limits=with_limits)
+                           scale=scale, processes=processes, limits=with_limits,
+                           repeat=repeat)
     machine = machine_info()
     status = Status()
     runner = Bench(options, status=status)

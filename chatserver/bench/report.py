@@ -122,6 +122,7 @@ def document(bench, options, command: list[str], machine: dict | None = None) ->
             "sync": options.sync, "duration": options.duration, "scale": options.scale,
             "processes": bench.processes, "workloads": list(options.workloads),
             "limits": options.limits, "open_file_limit": bench.fd_limit,
+            "repeat": options.repeat,
         },
         "limits": bench.limits,
         "results": [row_dict(row, bench.limits, options.sync) for row in bench.rows],

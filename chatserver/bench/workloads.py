@@ -71,6 +71,7 @@ class BenchOptions:
     scale: float = 1.0
     processes: int = 0  # load generator processes per workload (0: the number of CPUs)
     limits: bool = False
+    repeat: int = 1  # rounds over the workloads; each row reports its median round
 
     def scaled(self, n: int, minimum: int = 1) -> int:
         return max(minimum, round(n * self.scale))
@@ -289,6 +290,31 @@ class PhaseResult:
     @property
     def timed_out(self) -> bool:
         return any(r["timed_out"] for r in self.results.values())
+
+
+def median_rows(rounds: list[list[Row]]) -> list[Row]:
+    """One row per name (in first-seen order): the round with the median throughput (the
+    lower middle of an even count), noted with every round's figure. On a machine whose
+    speed drifts, alternating whole rounds and taking each row's median is steadier than one
+    run; rows without a throughput keep their first round."""
+    by_name: dict[str, list[Row]] = {}
+    for rows in rounds:
+        for row in rows:
+            by_name.setdefault(row.name, []).append(row)
+    out = []
+    for runs in by_name.values():
+        measured = sorted((r for r in runs if r.throughput is not None),
+                          key=lambda r: r.throughput)
+        if not measured:
+            out.append(runs[0])
+            continue
+        chosen = measured[(len(measured) - 1) // 2]
+        figures = [round(r.throughput, 1) for r in runs if r.throughput is not None]
+        chosen.extra["rounds_per_s"] = figures
+        chosen.notes.insert(0, f"median of {len(figures)} rounds "
+                               f"({min(figures):,.0f}-{max(figures):,.0f}/s)")
+        out.append(chosen)
+    return out
 
 
 def split(items: list, parts: int) -> list[list]:
@@ -557,14 +583,20 @@ class Bench:
             self._current = "limits"
             seconds = min(2.0, max(0.2, self.o.duration))
             self.limits = measure_limits(["full", "normal"], seconds, progress=self._say)
-        for workload in self.o.workloads:
-            self._current = workload
-            method = getattr(self, "w_" + workload.replace("-", "_"))
-            try:
-                self.rows.extend(method())
-            except BenchError as exc:
-                self.failures.append({"workload": workload, "error": str(exc)})
+        rounds: list[list[Row]] = []
+        for index in range(self.o.repeat):
+            rows: list[Row] = []
+            for workload in self.o.workloads:
+                self._current = workload if self.o.repeat == 1 else \
+                    f"round {index + 1}/{self.o.repeat}: {workload}"
+                method = getattr(self, "w_" + workload.replace("-", "_"))
+                try:
+                    rows.extend(method())
+                except BenchError as exc:
+                    self.failures.append({"workload": workload, "error": str(exc)})
+            rounds.append(rows)
         self._current = ""
+        self.rows = rounds[0] if len(rounds) == 1 else median_rows(rounds)
 
     def _send_load(self, ep: Endpoint, auths: list[list[str]], sink: str,
                    window: int) -> PhaseResult:

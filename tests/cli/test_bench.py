@@ -126,3 +126,32 @@ def test_accounts_are_picked_across_the_key_order():
     assert max(ids) - min(ids) > 500  # their rows are spread over the table too
     assert count_label(1_000_000) == "1M" and count_label(1000) == "1k"
     assert count_label(100) == "100" and count_label(12_345) == "12345"
+
+
+def test_repeat_reports_each_rows_median_round():
+    result = run_bench("--duration", "0.2", "--workload", "sends-1", "--workload", "sends-8",
+                       "--repeat", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["options"]["repeat"] == 2
+    assert [r["name"] for r in doc["results"]] == ["sends-1", "sends-8"]
+    for row in doc["results"]:
+        rounds = row["rounds_per_s"]
+        assert len(rounds) == 2 and all(r > 0 for r in rounds), row
+        assert row["throughput_per_s"] == pytest.approx(min(rounds), rel=0.01)  # lower middle
+        assert row["notes"][0].startswith("median of 2 rounds"), row
+
+
+def test_median_rows_picks_the_middle_round_of_each_row():
+    from chatserver.bench.workloads import Row, median_rows
+
+    def row(name, ops):
+        return Row(name=name, workload=name, description="", ops=ops, seconds=1.0 if ops else 0)
+
+    rounds = [[row("a", 10), row("b", 0)], [row("a", 30), row("b", 0)], [row("a", 20), row("b", 0)]]
+    a, b = median_rows(rounds)
+    assert (a.name, a.ops, a.extra["rounds_per_s"]) == ("a", 20, [10.0, 30.0, 20.0])
+    assert a.notes == ["median of 3 rounds (10-30/s)"]
+    assert (b.name, b.ops, b.notes, b.extra) == ("b", 0, [], {})  # nothing measured: round 1
+    assert b is rounds[0][1]
+    assert median_rows([[row("a", 10)], [row("a", 40)]])[0].ops == 10
