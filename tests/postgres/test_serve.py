@@ -22,6 +22,54 @@ SERVER_ARGS = ["--registrations-per-hour", "0"]
 WAIT = 10.0
 
 
+def listening_pids(engine) -> set[int]:
+    """The backends of the servers' announcement listeners (announce.APPLICATION_NAME)."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        return {r[0] for r in conn.execute(text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'chat announcement listener'"))}
+
+
+def end_listening_connections(engine, servers: int = 2) -> set[int]:
+    """Terminate every server's listening connection (as a restart or an administrator
+    would); returns their backends' pids."""
+    from sqlalchemy import text
+
+    old = listening_pids(engine)
+    assert len(old) == servers
+    with engine.connect() as conn:
+        for pid in old:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    return old
+
+
+@pytest.fixture
+def two_servers(new_postgres_database, pg_server_factory):
+    """Servers A and B on one new database, alice registered through A and bob through B,
+    and an engine on the database: (server_a, server_b, alice, bob, engine). The servers
+    must stop cleanly (exit status 0)."""
+    from sqlalchemy import create_engine
+
+    pg_url = new_postgres_database()
+    migrate(pg_url)
+    server_a = pg_server_factory(pg_url, SERVER_ARGS)
+    server_b = pg_server_factory(pg_url, SERVER_ARGS)
+    engine = create_engine(pg_url)
+    alice, bob = server_a.client(), server_b.client()
+    try:
+        alice.register("alice", PASSWORD)
+        bob.register("bob", PASSWORD)
+        yield server_a, server_b, alice, bob, engine
+    finally:
+        alice.close()
+        bob.close()
+        engine.dispose()
+    assert server_a.stop() == 0, server_a.log
+    assert server_b.stop() == 0, server_b.log
+
+
 def migrate(url: str) -> None:
     done = subprocess.run(chat_command("admin", "migrate", "--db", url),
                           check=False, capture_output=True, text=True, timeout=120)
@@ -148,96 +196,52 @@ def test_two_servers_share_one_database(new_postgres_database, pg_server_factory
     assert server_b.stop() == 0, server_b.log
 
 
-def test_a_server_that_loses_its_listening_connection_listens_again(new_postgres_database,
-                                                                     pg_server_factory):
+def test_a_server_that_loses_its_listening_connection_listens_again(two_servers):
     """The database ends the connections that listen for other servers' messages (a
     restart, a failover, an administrator): each server reconnects and listens again, and
-    messages across servers are pushed again. Nothing is lost meanwhile: what was
-    announced while not listening waits in the database for a fetch."""
-    from sqlalchemy import create_engine, text
-
-    pg_url = new_postgres_database()
-    migrate(pg_url)
-    server_a = pg_server_factory(pg_url, SERVER_ARGS)
-    server_b = pg_server_factory(pg_url, SERVER_ARGS)
-    engine = create_engine(pg_url)
-    listeners = text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                     "AND application_name = 'chat announcement listener'")
-    alice, bob = server_a.client(), server_b.client()
-    try:
-        alice.register("alice", PASSWORD)
-        bob.register("bob", PASSWORD)
-        with engine.connect() as conn:
-            old = {r[0] for r in conn.execute(listeners)}
-            assert len(old) == 2
-            for pid in old:
-                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-        for _ in range(int(WAIT / 0.05)):  # bounded: both listen again on new connections
-            with engine.connect() as conn:
-                now = {r[0] for r in conn.execute(listeners)}
-            if len(now) == 2 and not now & old:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail(f"the servers did not listen again: {now} (before: {old})")
-        to_bob = alice.send("bob", "after the reconnect")
-        assert bob.pushes.get(timeout=WAIT).message.id == to_bob.message_id
-        to_alice = bob.send("alice", "and back")
-        assert alice.pushes.get(timeout=WAIT).message.id == to_alice.message_id
-    finally:
-        alice.close()
-        bob.close()
-        engine.dispose()
-    assert server_a.stop() == 0, server_a.log
-    assert server_b.stop() == 0, server_b.log
+    messages across servers are pushed again."""
+    server_a, server_b, alice, bob, engine = two_servers
+    old = end_listening_connections(engine)
+    for _ in range(int(WAIT / 0.05)):  # bounded: both listen again on new connections
+        now = listening_pids(engine)
+        if len(now) == 2 and not now & old:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the servers did not listen again: {now} (before: {old})")
+    to_bob = alice.send("bob", "after the reconnect")
+    assert bob.pushes.get(timeout=WAIT).message.id == to_bob.message_id
+    to_alice = bob.send("alice", "and back")
+    assert alice.pushes.get(timeout=WAIT).message.id == to_alice.message_id
     assert "listening for other servers' messages failed" in server_a.log + server_b.log
 
 
 def test_messages_stored_while_a_server_was_not_listening_are_pushed_when_it_listens_again(
-        new_postgres_database, pg_server_factory):
+        two_servers):
     """A message stored through A while B's listening connection is down is never announced
     to B. Once B listens again it pushes what it missed to the recipients it holds, instead
     of leaving it for their next fetch."""
-    from sqlalchemy import create_engine, text
-
-    pg_url = new_postgres_database()
-    migrate(pg_url)
-    server_a = pg_server_factory(pg_url, SERVER_ARGS)
-    server_b = pg_server_factory(pg_url, SERVER_ARGS)
-    engine = create_engine(pg_url)
-    listeners = text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                     "AND application_name = 'chat announcement listener'")
-    alice, bob = server_a.client(), server_b.client()
-    try:
-        alice.register("alice", PASSWORD)
-        bob.register("bob", PASSWORD)
-        before = alice.send("bob", "heard")  # announced: B pushes it
-        assert bob.pushes.get(timeout=WAIT).message.id == before.message_id
-        assert bob.ack([before.message_id]) == 1
-        with engine.connect() as conn:
-            old = {r[0] for r in conn.execute(listeners)}
-            assert len(old) == 2
-            for pid in old:
-                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-        for _ in range(int(WAIT / 0.01)):  # bounded: until both listening backends are gone
-            with engine.connect() as conn:
-                if not {r[0] for r in conn.execute(listeners)} & old:
-                    break
-            time.sleep(0.01)
-        # Nobody listens now (a server waits a second before listening again): no server
-        # hears of these, so only B's catch-up can push them to Bob.
-        missed = [alice.send("bob", f"missed {i}") for i in range(3)]
-        pushed = [bob.pushes.get(timeout=WAIT) for _ in missed]
-        assert [p.message.id for p in pushed] == [m.message_id for m in missed]
-        assert [p.message.body for p in pushed] == ["missed 0", "missed 1", "missed 2"]
-        assert bob.ack([m.message_id for m in missed]) == 3
-        after = alice.send("bob", "heard again")  # and announcements work again
-        assert bob.pushes.get(timeout=WAIT).message.id == after.message_id
-        assert bob.pushes.empty()  # the message acknowledged before the loss is not pushed again
-    finally:
-        alice.close()
-        bob.close()
-        engine.dispose()
-    assert server_a.stop() == 0, server_a.log
-    assert server_b.stop() == 0, server_b.log
+    _server_a, server_b, alice, bob, engine = two_servers
+    before = alice.send("bob", "heard")  # announced: B pushes it
+    assert bob.pushes.get(timeout=WAIT).message.id == before.message_id
+    assert bob.ack([before.message_id]) == 1
+    old = end_listening_connections(engine)
+    for _ in range(int(WAIT / 0.01)):  # bounded: until both listening backends are gone
+        if not listening_pids(engine) & old:
+            break
+        time.sleep(0.01)
+    # Nobody listens now (a server waits a second before listening again): no server hears
+    # of these, so only B's catch-up can push them to Bob.
+    missed = [alice.send("bob", f"missed {i}") for i in range(3)]
+    pushed = [bob.pushes.get(timeout=WAIT) for _ in missed]
+    assert [p.message.id for p in pushed] == [m.message_id for m in missed]
+    assert [p.message.body for p in pushed] == ["missed 0", "missed 1", "missed 2"]
+    assert bob.ack([m.message_id for m in missed]) == 3
+    after = alice.send("bob", "heard again")  # and announcements work again
+    assert bob.pushes.get(timeout=WAIT).message.id == after.message_id
+    assert bob.pushes.empty()  # the message acknowledged before the loss is not pushed again
+    for _ in range(int(WAIT / 0.05)):  # bounded: the log line follows the pushes
+        if "pushed 3 stored meanwhile" in server_b.log:
+            break
+        time.sleep(0.05)
     assert "pushed 3 stored meanwhile" in server_b.log, server_b.log
