@@ -296,7 +296,9 @@ def median_rows(rounds: list[list[Row]]) -> list[Row]:
     """One row per name (in first-seen order): the round with the median throughput (the
     lower middle of an even count), noted with every round's figure. On a machine whose
     speed drifts, alternating whole rounds and taking each row's median is steadier than one
-    run; rows without a throughput keep their first round."""
+    run; rows without a throughput keep their first round. A row compared with another
+    (the accounts workload's 1M/100 ratios) is compared again with that row's median, so
+    its ratios and verdict match the figures printed beside them."""
     by_name: dict[str, list[Row]] = {}
     for rows in rounds:
         for row in rows:
@@ -314,6 +316,11 @@ def median_rows(rounds: list[list[Row]]) -> list[Row]:
         chosen.notes.insert(0, f"median of {len(figures)} rounds "
                                f"({min(figures):,.0f}-{max(figures):,.0f}/s)")
         out.append(chosen)
+    by_chosen = {row.name: row for row in out}
+    for row in out:
+        few = by_chosen.get(row.extra.get("compared_with"))
+        if few is not None:
+            _compare(few, row)
     return out
 
 
@@ -431,11 +438,13 @@ class Bench:
         self.limits: list[dict] | None = None
         self.fd_limit = raise_nofile_limit()
         self._current = ""
+        self._round = ""  # "round 2/5: " with --repeat
 
     # -- helpers ----------------------------------------------------------------------------
 
     def _say(self, text: str) -> None:
-        self.status(f"{self._current}: {text}" if self._current else text)
+        where = self._round + self._current
+        self.status(f"{where}: {text}" if where else text)
 
     def name(self, kind: str) -> str:
         self._names += 1
@@ -587,15 +596,16 @@ class Bench:
         for index in range(self.o.repeat):
             rows: list[Row] = []
             for workload in self.o.workloads:
-                self._current = workload if self.o.repeat == 1 else \
-                    f"round {index + 1}/{self.o.repeat}: {workload}"
+                self._current = workload
+                if self.o.repeat > 1:
+                    self._round = f"round {index + 1}/{self.o.repeat}: "
                 method = getattr(self, "w_" + workload.replace("-", "_"))
                 try:
                     rows.extend(method())
                 except BenchError as exc:
                     self.failures.append({"workload": workload, "error": str(exc)})
             rounds.append(rows)
-        self._current = ""
+        self._current = self._round = ""
         self.rows = rounds[0] if len(rounds) == 1 else median_rows(rounds)
 
     def _send_load(self, ep: Endpoint, auths: list[list[str]], sink: str,
@@ -862,6 +872,7 @@ def _compare(few: Row, many: Row) -> None:
         return round(a / b, 3) if a is not None and b else None
 
     label = f"{count_label(many.extra['accounts'])}/{count_label(few.extra['accounts'])}"
+    many.notes[:] = [n for n in many.notes if not n.startswith(f"{label}: ")]  # compared again
     throughput = ratio(many.throughput, few.throughput)
     cpu = ratio(per_send(many), per_send(few))
     p50 = ratio(many.latency.summary_ms()["p50"], few.latency.summary_ms()["p50"])

@@ -155,3 +155,26 @@ def test_median_rows_picks_the_middle_round_of_each_row():
     assert (b.name, b.ops, b.notes, b.extra) == ("b", 0, [], {})  # nothing measured: round 1
     assert b is rounds[0][1]
     assert median_rows([[row("a", 10)], [row("a", 40)]])[0].ops == 10
+
+
+def test_median_rows_compares_the_accounts_rows_it_chose():
+    """The 1M/100 ratio and verdict are worked out again from the two median rows, not
+    kept from whichever round each came from."""
+    from chatserver.bench.workloads import Row, _compare, median_rows
+
+    def round_of(few_ops, many_ops):
+        few = Row(name="accounts-100-1", workload="accounts", description="", ops=few_ops,
+                  seconds=1.0, extra={"accounts": 100})
+        many = Row(name="accounts-1M-1", workload="accounts", description="", ops=many_ops,
+                   seconds=1.0, extra={"accounts": 1_000_000})
+        _compare(few, many)
+        return [few, many]
+
+    few, many = median_rows([round_of(1000, 1060), round_of(1100, 950), round_of(850, 900)])
+    assert (few.ops, many.ops) == (1000, 950)  # each row's own median round
+    assert many.extra["throughput_ratio"] == 0.95 and many.extra["target_met"] is True
+    assert [n for n in many.notes if n.startswith("1M/100: ")] == [
+        "1M/100: 0.95x ops/s; target (ops/s >= 0.90x): met"]
+    few, many = median_rows([round_of(1000, 800), round_of(1100, 950), round_of(1200, 860)])
+    assert many.extra["throughput_ratio"] == 0.782 and many.extra["target_met"] is False
+    assert any(n.endswith("NOT met") for n in many.notes)
