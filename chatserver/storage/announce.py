@@ -13,7 +13,8 @@ database in different schemas); a server ignores its own announcements by their 
 Delivery stays at least once. Announcements made while a listener is reconnecting are lost
 to it, so once it listens again it catches up: the server pushes the undelivered messages of
 the recipients it holds whose ids are above the highest id it had heard of (announced, or in
-the table when it began listening). A message stored meanwhile by this server itself may
+the table when it began listening); a catch-up that fails (the database still failing) is
+tried again every second until it works. A message stored meanwhile by this server itself may
 then be pushed twice (clients drop repeats by id); one stored elsewhere with an id below
 one already heard of, whose announcement was lost, reaches its recipient by fetch.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 
@@ -93,8 +95,8 @@ class Announcer:
 class Listener:
     """A thread that LISTENs on the channel and calls ``on_items(pairs)`` for every other
     server's announcement (on this thread). Reconnects after a failure, then calls
-    ``on_resumed(after_id)``: announcements of messages with ids above ``after_id`` may have
-    been missed meanwhile."""
+    ``on_resumed(after_id)`` (again, until it returns without raising): announcements of
+    messages with ids above ``after_id`` may have been missed meanwhile."""
 
     def __init__(self, engine: Engine, announcer: Announcer,
                  on_items: Callable[[list[tuple[int, int]]], None],
@@ -106,6 +108,8 @@ class Listener:
         # The highest message id heard of: announced (by any server), or the table's
         # highest when listening began. None until the first LISTEN.
         self.heard_up_to: int | None = None
+        self._catch_up_from: int | None = None  # a catch-up to do (or retry) from this id
+        self._next_catch_up = 0.0  # monotonic time of the next attempt
         self._stopping = threading.Event()
         self.listening = threading.Event()  # set while LISTEN is in effect (for tests)
         self._thread = threading.Thread(target=self._run, name="announcement-listener",
@@ -136,16 +140,17 @@ class Listener:
             conn.execute(f'LISTEN "{self._announcer.channel}"')  # a hex name of ours
             # Read after LISTEN: anything committed later is announced to this connection.
             highest = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
-            missed_after = self.heard_up_to
-            self.heard_up_to = max(missed_after or 0, highest)
+            if self.heard_up_to is not None and self._on_resumed is not None:
+                # Since the last catch-up that worked, if a later one failed.
+                after = self.heard_up_to if self._catch_up_from is None \
+                    else min(self._catch_up_from, self.heard_up_to)
+                self._catch_up_from = after
+            self.heard_up_to = max(self.heard_up_to or 0, highest)
             self.listening.set()
-            if missed_after is not None and self._on_resumed is not None:
-                try:
-                    self._on_resumed(missed_after)
-                except Exception:  # the catch-up is a courtesy: fetch still finds them
-                    log.exception("pushing the messages stored while not listening failed")
             origin = self._announcer.origin
             while not self._stopping.is_set():
+                if self._catch_up_from is not None and not self._stopping.is_set():
+                    self._catch_up()
                 for notify in conn.notifies(timeout=_POLL):
                     try:
                         sender, items = decode_announcement(notify.payload)
@@ -163,3 +168,18 @@ class Listener:
         finally:
             self.listening.clear()
             conn.close()
+
+    def _catch_up(self) -> None:
+        """Push what may have been missed while not listening; on failure it is tried again
+        (after ``RECONNECT_DELAY``, between polls) until it works."""
+        now = time.monotonic()
+        if now < self._next_catch_up:
+            return
+        try:
+            self._on_resumed(self._catch_up_from)
+        except Exception:  # the database may still be failing: try again shortly
+            log.exception("pushing the messages stored while not listening failed; "
+                          "trying again in %.0f s", RECONNECT_DELAY)
+            self._next_catch_up = now + RECONNECT_DELAY
+            return
+        self._catch_up_from = None
