@@ -7,7 +7,13 @@ import threading
 
 from sqlalchemy import text
 
-from chatserver.storage.announce import APPLICATION_NAME, Announcer, Listener, channel_for, new_origin
+from chatserver.storage.announce import (
+    APPLICATION_NAME,
+    Announcer,
+    Listener,
+    channel_for,
+    new_origin,
+)
 
 WAIT = 10.0
 
