@@ -20,8 +20,8 @@ from chatserver.protocol import (
     NEED_DATA,
     Connection,
     Hello,
-    Send,
     RemoteProtocolError,
+    Send,
     encode_event,
 )
 from chatserver.protocol.events import (
