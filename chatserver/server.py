@@ -849,14 +849,8 @@ class ChatServer:
                   if self.registry.sessions_of(recipient_id)]
         if not wanted:
             return 0
-        pushes = 0
-        for message in self.service.undelivered_messages(wanted):  # acknowledged ones are gone
-            frame = encode_event(Push(message=message_event(message)))
-            for session in self.registry.sessions_of(message.recipient_id):
-                if session.push_frame(frame):
-                    pushes += 1
-                    self.metrics.pushed.inc()
-        return pushes
+        # Acknowledged ones are gone from the database, so they are not pushed.
+        return self._push_stored(self.service.undelivered_messages(wanted))
 
     def push_missed(self, after_id: int) -> int:
         """(The announcement listener's thread, listening again after a failure.) Push the
@@ -865,15 +859,21 @@ class ChatServer:
         online = self.registry.online_account_ids()
         if not online:
             return 0
+        pushes = self._push_stored(self.service.undelivered_after(online, after_id, MAX_CATCH_UP))
+        log.info("listening again for other servers' messages; pushed %d stored meanwhile",
+                 pushes)
+        return pushes
+
+    def _push_stored(self, found: list[StoredMessage]) -> int:
+        """Push each of these stored messages to its recipient's sessions here; how many
+        pushes were written."""
         pushes = 0
-        for message in self.service.undelivered_after(online, after_id, MAX_CATCH_UP):
+        for message in found:
             frame = encode_event(Push(message=message_event(message)))
             for session in self.registry.sessions_of(message.recipient_id):
                 if session.push_frame(frame):
                     pushes += 1
                     self.metrics.pushed.inc()
-        log.info("listening again for other servers' messages; pushed %d stored meanwhile",
-                 pushes)
         return pushes
 
     def end_stale_sessions(self) -> tuple[int, int]:

@@ -140,16 +140,14 @@ class Listener:
             conn.execute(f'LISTEN "{self._announcer.channel}"')  # a hex name of ours
             # Read after LISTEN: anything committed later is announced to this connection.
             highest = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
-            if self.heard_up_to is not None and self._on_resumed is not None:
-                # Since the last catch-up that worked, if a later one failed.
-                after = self.heard_up_to if self._catch_up_from is None \
-                    else min(self._catch_up_from, self.heard_up_to)
-                self._catch_up_from = after
+            if self.heard_up_to is not None and self._on_resumed is not None \
+                    and self._catch_up_from is None:  # else one that failed is still to do
+                self._catch_up_from = self.heard_up_to
             self.heard_up_to = max(self.heard_up_to or 0, highest)
             self.listening.set()
             origin = self._announcer.origin
             while not self._stopping.is_set():
-                if self._catch_up_from is not None and not self._stopping.is_set():
+                if self._catch_up_from is not None:
                     self._catch_up()
                 for notify in conn.notifies(timeout=_POLL):
                     try:
