@@ -201,3 +201,46 @@ def test_counts_follow_acks_and_other_processes(db, writer, hasher, clock, alice
     with pytest.raises(QueueFull):
         service.send(alice, "Bob", "over the cap")
     assert count(db, "SELECT count(*) FROM messages WHERE recipient_id = ?", (bob.id,)) == 3
+
+
+# -- batches of every size ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [1, 2, 3, 127, 128, 129, 255, 300])
+def test_every_send_of_a_batch_gets_its_own_row_and_receipt(service, db, writer, alice, bob,
+                                                           size):
+    # The cached path inserts a batch in multi-row statements of up to 128 rows and derives
+    # each send's id from the last one: any slip would give a send another's id. Refusals
+    # (an unknown recipient) and in-batch repeats of a client id are mixed in.
+    service.send(alice, "Bob", "warm the cache")
+    with Held(writer):
+        futures = []
+        for i in range(size):
+            to = "Nobody" if i % 50 == 7 else "Bob"
+            futures.append((to, i, service.submit_send(alice, to, f"body {i}",
+                                                       client_msg_id=f"c-{i}")))
+        repeat = service.submit_send(alice, "Bob", "body 0", client_msg_id="c-0")
+    again = repeat.result(WAIT)  # the batch's last send: all of it is committed
+    stored = {}
+    conn = sqlite3.connect(db.path)
+    try:
+        rows = dict(conn.execute("SELECT id, body FROM messages WHERE recipient_id = ?",
+                                 (bob.id,)).fetchall())
+        receipts = dict(conn.execute("SELECT client_msg_id, message_id FROM send_receipts "
+                                     "WHERE sender_id = ?", (alice.id,)).fetchall())
+    finally:
+        conn.close()
+    for to, i, future in futures:
+        if to == "Nobody":
+            with pytest.raises(NoSuchAccount):
+                future.result(WAIT)
+            assert f"c-{i}" not in receipts
+            continue
+        outcome = future.result(WAIT)
+        assert not outcome.duplicate
+        assert rows[outcome.message_id] == f"body {i}"
+        assert receipts[f"c-{i}"] == outcome.message_id
+        stored[i] = outcome.message_id
+    assert len(rows) == len(stored) + 1  # and the warm-up
+    assert (again.message_id, again.duplicate) == (stored[0], True)
+    ids = sorted(stored.values())
+    assert ids == [stored[i] for i in sorted(stored)]  # in the order they were sent
