@@ -117,6 +117,10 @@ _SQLITE_INSERT_RECEIPTS = ("INSERT INTO send_receipts (sender_id, client_msg_id,
 _SQLITE_ROWS_PER_INSERT = 128
 _multi_row_sql: dict[tuple[str, int, int], str] = {}
 
+_SQLITE_UNDELIVERED = ("SELECT id, sender_name, recipient_id, sent_at, body FROM messages"
+                       " WHERE recipient_id = ? ORDER BY id LIMIT ?")
+_SQLITE_DELETE_MESSAGE = "DELETE FROM messages WHERE recipient_id = ? AND id = ?"
+
 
 def _insert_rows(cur, insert: str, rows: Sequence[tuple]) -> None:
     """Insert ``rows`` (tuples of equal length) in a few multi-row statements, in order."""
@@ -133,9 +137,6 @@ def _insert_rows(cur, insert: str, rows: Sequence[tuple]) -> None:
         cur.execute(sql, [value for row in rows[start:start + n] for value in row])
         start += n
         left -= n
-_SQLITE_UNDELIVERED = ("SELECT id, sender_name, recipient_id, sent_at, body FROM messages"
-                       " WHERE recipient_id = ? ORDER BY id LIMIT ?")
-_SQLITE_DELETE_MESSAGE = "DELETE FROM messages WHERE recipient_id = ? AND id = ?"
 
 
 class WriteCache:
