@@ -95,3 +95,37 @@ def test_receipt_purge_deletes_by_the_key(db):
     assert resumed
     for sql, plan in resumed:
         assert any(step.startswith("SEARCH send_receipts") for step in plan), (sql, plan)
+
+
+def test_an_ack_deletes_by_key_whatever_its_length(db):
+    alice, bob = accounts(db, "alice", "bob")
+    with db.unit_of_work() as uow:
+        ids = [uow.repo.add_message(alice, bob.id, "m", 1, "") for _ in range(300)]
+        uow.commit()
+    statements: list[tuple[str, tuple]] = []
+
+    class Recording:  # the repository's raw cursor, recording what it runs
+        def __init__(self, cursor):
+            self.cursor = cursor
+
+        def execute(self, sql, params=()):
+            statements.append((sql, tuple(params)))
+            return self.cursor.execute(sql, params)
+
+        def __getattr__(self, name):
+            return getattr(self.cursor, name)
+
+    with db.unit_of_work() as uow:
+        uow.repo._raw_cursor = Recording(uow.repo._cursor())
+        assert uow.repo.delete_messages(bob.id, ids) == 300
+        uow.commit()
+    deletes = [(sql, params) for sql, params in statements if sql.startswith("DELETE")]
+    assert [len(params) - 1 for _sql, params in deletes] == [128, 128, 32, 8, 4]
+    conn = sqlite3.connect(db.path)
+    try:
+        for sql, params in deletes:
+            plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+            assert any(step.startswith("SEARCH messages") for step in plan), (sql, plan)
+            assert not any(step.startswith("SCAN") for step in plan), (sql, plan)
+    finally:
+        conn.close()

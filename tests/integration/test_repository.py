@@ -354,6 +354,26 @@ def test_delete_messages_ignores_ids_of_another_recipient(db, people):
     assert bodies(db, bob) == []
 
 
+@pytest.mark.parametrize("count", [127, 128, 129, 1000])
+def test_delete_messages_of_a_long_ack(db, people, count):
+    # Long acks are deleted in IN lists of up to 128 ids: every chunk counts, and each one
+    # deletes only this recipient's ids.
+    alice, bob, carol = people["Alice"], people["Bob"], people["Carol"]
+    with db.unit_of_work() as uow:
+        for_bob = [uow.repo.add_message(alice, bob.id, f"b{i}", 1, "") for i in range(count)]
+        for_carol = [uow.repo.add_message(alice, carol.id, f"c{i}", 1, "") for i in range(9)]
+        uow.commit()
+    kept = for_bob[5::7]
+    acked = [i for i in for_bob if i not in kept]
+    listed = acked + for_carol + [999_999]
+    listed[::3] = reversed(listed[::3])  # any order
+    with db.unit_of_work() as uow:
+        assert uow.repo.delete_messages(bob.id, listed) == len(acked)
+        uow.commit()
+    assert [m.id for m in db.read(lambda repo: repo.undelivered(bob.id, 1000))] == kept
+    assert len(bodies(db, carol)) == 9
+
+
 def test_delete_messages_without_commit_keeps_them(db, people):
     mid = add_message(db, people["Alice"], people["Bob"], "kept")
     with db.unit_of_work() as uow:
