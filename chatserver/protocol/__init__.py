@@ -4,7 +4,7 @@ Standard library only: no sockets, threads, clocks or logging, so that the serve
 client and the tests all drive the same code with plain bytes.
 """
 
-from .codec import EVENT_TYPES, MAX_FRAME_SIZE, encode_event, encode_sent
+from .codec import EVENT_TYPES, MAX_FRAME_SIZE, encode_event, encode_send, encode_sent
 from .connection import CLOSED, NEED_DATA, Connection, Signal
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .events import (
@@ -45,5 +45,5 @@ __all__ = [
     "Acked", "Connection", "DeleteAccount", "Error", "Event", "Fetch", "Hello", "ListAccounts",
     "LocalProtocolError", "LoggedIn", "Login", "Logout", "Message", "Messages", "Notice", "Ok",
     "Ping", "Pong", "ProtocolError", "Push", "Register", "RemoteProtocolError", "Send", "Sent",
-    "Signal", "Welcome", "encode_event", "encode_sent",
+    "Signal", "Welcome", "encode_event", "encode_send", "encode_sent",
 ]

@@ -22,6 +22,7 @@ from chatserver.protocol import (
     Hello,
     RemoteProtocolError,
     Send,
+    Sent,
     encode_event,
 )
 from chatserver.protocol.events import (
@@ -234,3 +235,51 @@ def test_send_fast_path_agrees_with_the_generic_plan(body):
     else:
         assert fast == generic
         assert decode_body(Send, body) == generic
+
+
+# ---------------------------------------------------------------------------------------
+# The load generator's fast paths: encode_send, and decode_body's for Sent
+
+
+@SETTINGS
+@given(event=struct_strategy(Send))
+def test_encode_send_is_the_frame_of_the_send_event(event):
+    from chatserver.protocol import encode_send
+
+    assert encode_send(event.request_id, event.to, event.client_msg_id, event.body) == \
+        encode_event(event)
+
+
+@st.composite
+def sent_bodies(draw) -> bytes:
+    """Sent bodies, well formed or damaged: truncated, extended, a bool byte not 0 or 1."""
+    body = encode_event(draw(struct_strategy(Sent)))[4:]
+    damage = draw(st.sampled_from(["none", "cut", "extend", "bool"]))
+    if damage == "cut":
+        return body[:draw(st.integers(1, len(body)))]
+    if damage == "extend":
+        return body + draw(st.binary(min_size=1, max_size=4))
+    if damage == "bool":
+        i = draw(st.sampled_from([len(body) - 2, len(body) - 1]))
+        return body[:i] + bytes([draw(st.integers(2, 255))]) + body[i + 1:]
+    return body
+
+
+@SETTINGS
+@given(body=sent_bodies())
+def test_sent_fast_path_agrees_with_the_generic_plan(body):
+    from chatserver.protocol import codec
+
+    values: list = []
+    try:
+        end = codec._DECODERS[Sent](body, 1, values)
+        generic = values[0] if end == len(body) else None
+    except RemoteProtocolError:
+        generic = None
+    if generic is None:
+        with pytest.raises(RemoteProtocolError):
+            codec.decode_body(Sent, body)
+    else:
+        decoded = codec.decode_body(Sent, body)
+        assert decoded == generic
+        assert type(decoded.pushed) is bool and type(decoded.duplicate) is bool
