@@ -146,6 +146,7 @@ class ChatConnection:
         self.handshaking = server.ssl_context is not None
         self.admitted = False
         self.busy = False  # a worker is serving one of its requests
+        self._sends: list[tuple[Send, list]] = []  # this pump's sends, not yet queued
         self.deferred = None  # a request waiting for the replies before it (Fetch)
         self.eof = False  # the peer closed its side
         self.gone = False  # the peer reset the connection or was dropped
@@ -326,7 +327,18 @@ class ChatConnection:
     # -- requests -----------------------------------------------------------------------
 
     def pump(self) -> None:
-        """Take the requests received so far, in order, as far as they can go now."""
+        """Take the requests received so far, in order, as far as they can go now.
+
+        The Sends among them are queued for the writer together, as one job, when something
+        else comes or the pass ends (``_flush_sends``): one queue entry and one completion
+        for a chunk of pipelined sends instead of one per send."""
+        try:
+            self._pump()
+        finally:
+            if self._sends:
+                self._flush_sends()
+
+    def _pump(self) -> None:
         if self.closed:
             return
         if self.finishing:
@@ -381,6 +393,8 @@ class ChatConnection:
 
     def dispatch(self, event) -> None:
         kind = type(event)
+        if self._sends and kind is not Send:  # the sends before it take effect first
+            self._flush_sends()
         if kind is Ping:
             self.send(Pong(nonce=event.nonce))  # in order with the replies, like one
         elif kind is Pong or self._refused(event):
@@ -527,29 +541,55 @@ class ChatConnection:
         return AccountList(request_id=event.request_id, accounts=entries, next_after=next_after)
 
     def on_send(self, event: Send):
-        """Queue the send for the writer and go on reading; the reply follows its commit.
+        """Reserve the send's reply and hold it for ``_flush_sends`` (the end of this pump
+        pass, or the next request that is not a Send); the reply follows its commit.
 
         The only request that does not wait for its outcome: many of a connection's sends
         can be in one commit."""
-        account = self.account  # once: another thread may log us out meanwhile
-        if account is None:
+        if self.account is None:
             raise NotLoggedIn("log in first")
-        request_id = event.request_id
-        slot = self.replies.reserve()
+        self._sends.append((event, self.replies.reserve()))
+
+    def _flush_sends(self) -> None:
+        """Queue the held sends for the writer, in order (see ``ChatService.submit_sends``)."""
+        sends, self._sends = self._sends, []
+        account = self.account  # once: another thread may log us out meanwhile
         try:
-            self.server.service.submit_send(
-                account, event.to, event.body, event.client_msg_id,
-                on_done=lambda outcome, error: self._send_done(request_id, slot, outcome, error),
-                inline_if_idle=self._alone())
+            if account is None:
+                raise NotLoggedIn("log in first")
+            refusals = self.server.service.submit_sends(
+                account, [(event.to, event.body, event.client_msg_id) for event, _ in sends],
+                on_done=lambda indexes, results, error: self._sends_done(
+                    sends, indexes, results, error),
+                # A lone send may be committed right here (see _alone); a pipelined chunk
+                # goes to the writer thread, so the loop reads the next one meanwhile.
+                inline_if_idle=len(sends) == 1 and self._alone())
         except ChatError as exc:
-            self.server.metrics.rejected.labels(exc.code).inc()
-            self.replies.fill(slot, encode_event(Error(
-                request_id=request_id, code=exc.code, text=exc.message,
-                retry_after_ms=exc.retry_after_ms)))
-        except Exception:  # the slot must be filled whatever happens, or replies stop here
+            refusals = [exc] * len(sends)
+        except Exception:  # every slot must be filled whatever happens, or replies stop here
             log.exception("internal error on Send from %s", self.peer)
-            self.replies.fill(slot, encode_event(Error(
-                request_id=request_id, code="internal_error", text="internal server error")))
+            refusals = [None] * len(sends)
+            for event, slot in sends:
+                self.replies.fill(slot, encode_event(Error(
+                    request_id=event.request_id, code="internal_error",
+                    text="internal server error")))
+        for (event, slot), refusal in zip(sends, refusals):
+            if refusal is not None:
+                self._send_done(event.request_id, slot, None, refusal)
+
+    def _sends_done(self, sends: list, indexes: list[int], results: list | None,
+                    error: BaseException | None) -> None:
+        """(The writer's thread, after the commit.) Each send's push and reply."""
+        for position, index in enumerate(indexes):
+            event, slot = sends[index]
+            if error is not None:
+                self._send_done(event.request_id, slot, None, error)
+            else:
+                result = results[position]
+                if isinstance(result, ChatError):
+                    self._send_done(event.request_id, slot, None, result)
+                else:
+                    self._send_done(event.request_id, slot, result, None)
 
     def _alone(self) -> bool:
         """Whether the loop has nothing else to do this turn: this connection alone was ready

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from chatserver import domain
 from chatserver.domain import Account, NewMessage, SearchPattern, SendOutcome, StoredMessage
 from chatserver.errors import (
+    ChatError,
     InvalidCredentials,
     InvalidName,
     InvalidRequest,
@@ -58,6 +59,30 @@ class _SendJob:
         return outcomes
 
 
+class _SendBatch:
+    """Several sends of one connection's received chunk as one writer job (one queue entry,
+    one completion), stored in bulk with the sends and batches around it. Its result is a
+    list with each send's outcome, or the ChatError that refused it."""
+
+    __slots__ = ("jobs",)
+    bulk_is_atomic = True  # one store_messages for the whole group: all or nothing
+
+    def __init__(self, jobs: list[_SendJob]):
+        self.jobs = jobs
+
+    @staticmethod
+    def run_bulk(repo: Repository, batches: list[_SendBatch]) -> list:
+        jobs = [job for batch in batches for job in batch.jobs]
+        outcomes = _SendJob.run_bulk(repo, jobs)
+        results = []
+        start = 0
+        for batch in batches:
+            end = start + len(batch.jobs)
+            results.append(outcomes[start:end])
+            start = end
+        return results
+
+
 @dataclass(slots=True)
 class _RetryOverRateJob:
     """A send over its account's rate that carries a ``client_msg_id``: if an earlier send
@@ -74,6 +99,18 @@ class _RetryOverRateJob:
         if earlier is None:
             raise self.refusal
         return SendOutcome(earlier, 0, True, None)  # a duplicate: nothing stored or pushed
+
+
+def _one_of(index: int, on_done):
+    """A single send's completion, told as ``submit_sends`` tells a batch's."""
+    def done(result, error):
+        if error is None:
+            on_done([index], [result], None)
+        elif isinstance(error, ChatError):
+            on_done([index], [error], None)
+        else:
+            on_done([index], None, error)
+    return done
 
 
 class ChatService:
@@ -187,6 +224,68 @@ class ChatService:
         ``on_done(outcome, None)`` or ``on_done(None, error)`` is called after the commit,
         on the writer's thread (or on this one: ``GroupCommitWriter.submit_callback``).
         """
+        job = self._send_job(sender, to, body, client_msg_id)
+        if on_done is not None:
+            self.writer.submit_callback(job, on_done, inline_if_idle=inline_if_idle)
+            return None
+        return self.writer.submit(job)
+
+    def submit_sends(self, sender: Account, sends: list[tuple[str, str, str]],
+                     on_done: Callable[[list[int], list | None, BaseException | None], None],
+                     *, inline_if_idle: bool = False) -> list[Exception | None]:
+        """Several sends of one sender, in order, as few writer jobs as their checks allow.
+
+        ``sends``: (to, body, client_msg_id) each. Returns, per send, the refusal that
+        needed no database (a ChatError; or another exception, a bug, confined to that send:
+        the caller answers it at once) or None. The others are
+        queued: ``on_done(indexes, results, None)`` follows each commit with the indexes
+        (into ``sends``) it completes and, for each, its SendOutcome or the ChatError that
+        refused it; or ``on_done(indexes, None, error)`` if the whole job failed. Called on
+        the writer's thread (or on this one: ``GroupCommitWriter.submit_callback``).
+        """
+        refusals: list[Exception | None] = [None] * len(sends)
+        batch: list[_SendJob] = []
+        indexes: list[int] = []
+        for i, (to, body, client_msg_id) in enumerate(sends):
+            try:
+                job = self._send_job(sender, to, body, client_msg_id)
+            except Exception as exc:  # a refusal, or a bug: either way this send's alone
+                refusals[i] = exc
+                continue
+            if type(job) is _SendJob:
+                batch.append(job)
+                indexes.append(i)
+                continue
+            # Another kind of job (a retry over the rate) must come after the sends before
+            # it, and its own completion says which send it is.
+            if batch:
+                self._submit_batch(batch, indexes, on_done, refusals, False)
+                batch, indexes = [], []
+            try:
+                self.writer.submit_callback(job, _one_of(i, on_done))
+            except ChatError as exc:  # shutting down
+                refusals[i] = exc
+        if batch:
+            self._submit_batch(batch, indexes, on_done, refusals, inline_if_idle)
+        return refusals
+
+    def _submit_batch(self, batch: list[_SendJob], indexes: list[int], on_done,
+                      refusals: list, inline_if_idle: bool) -> None:
+        if len(batch) == 1:
+            job, done = batch[0], _one_of(indexes[0], on_done)
+        else:
+            job = _SendBatch(batch)
+
+            def done(results, error):
+                on_done(indexes, results, error)
+        try:
+            self.writer.submit_callback(job, done, inline_if_idle=inline_if_idle)
+        except ChatError as exc:  # shutting down: nothing of it was queued
+            for i in indexes:
+                refusals[i] = exc
+
+    def _send_job(self, sender: Account, to: str, body: str, client_msg_id: str):
+        """The writer job of a send, after the checks that need no database (which raise)."""
         domain.validate_body(body, self.max_message_bytes)
         domain.validate_client_msg_id(client_msg_id)
         try:
@@ -200,14 +299,9 @@ class ChatService:
             if not client_msg_id:
                 raise refusal
             # A retry must get its original reply, not a refusal it would retry again.
-            job = _RetryOverRateJob(sender.id, client_msg_id, refusal)
-        else:
-            message = NewMessage(sender, key, to, body, self.clock(), client_msg_id)
-            job = _SendJob(message, self.max_queued_per_account, self.announcer)
-        if on_done is not None:
-            self.writer.submit_callback(job, on_done, inline_if_idle=inline_if_idle)
-            return None
-        return self.writer.submit(job)
+            return _RetryOverRateJob(sender.id, client_msg_id, refusal)
+        message = NewMessage(sender, key, to, body, self.clock(), client_msg_id)
+        return _SendJob(message, self.max_queued_per_account, self.announcer)
 
     def fetch(self, account: Account, limit: int) -> tuple[list[StoredMessage], int]:
         """The oldest undelivered messages and how many more wait after them."""

@@ -240,3 +240,38 @@ def test_more_pipelined_requests_than_the_server_keeps_in_flight(server_factory,
         assert sink.login("sink", PASSWORD).pending == count
         got = [m.id for m in sink.fetch(1000).messages]
         assert got == ids[:1000]
+
+
+def test_pipelined_sends_with_refusals_and_retries_over_the_rate(server_factory, tmp_path):
+    """One write of sends that the server refuses at once (too large, no such name, over the
+    rate), refuses after a lookup, and recognises as retries over the rate: each gets its
+    own reply, in order, and only the accepted ones are stored, in order."""
+    server = server_factory(tmp_path / "mixed.db", ["--send-rate", "0.001", "--send-burst", "5",
+                                                     "--max-message-bytes", "100"])
+    with server.client() as sink:
+        sink.register("sink", PASSWORD)
+        sink.logout()
+    raw = RawClient(server.host, server.port)
+    sends = [("sink", "k1", "first"), ("sink", "", "x" * 101), ("nobody", "", "lost"),
+             ("sink", "k2", "second"), ("sink", "k1", "first again"), ("sink", "", "third"),
+             ("sink", "", "over the rate"), ("sink", "k2", "second again"),
+             ("sink", "k9", "new, over the rate")]
+    try:
+        raw.hello()
+        raw.send(Register(request_id=2, name="mixer", password=PASSWORD))
+        assert isinstance(raw.reply(), LoggedIn)
+        raw.send(*[Send(request_id=10 + i, to=to, client_msg_id=cid, body=body)
+                   for i, (to, cid, body) in enumerate(sends)])
+        replies = [raw.reply() for _ in sends]
+    finally:
+        raw.close()
+    assert [r.request_id for r in replies] == [10 + i for i in range(len(sends))]
+    shown = [r.code if isinstance(r, Error) else ("dup" if r.duplicate else "new")
+             for r in replies]
+    assert shown == ["new", "message_too_large", "no_such_account", "new", "dup", "new",
+                     "rate_limited", "dup", "rate_limited"]
+    assert replies[4].message_id == replies[0].message_id
+    assert replies[7].message_id == replies[3].message_id
+    with server.client() as sink:
+        sink.login("sink", PASSWORD)
+        assert [m.body for m in fetch_all(sink)] == ["first", "second", "third"]

@@ -5,6 +5,7 @@ place left empty would hold back every later reply of the connection.)"""
 
 from __future__ import annotations
 
+from chatserver import domain
 from chatserver.app import ChatApp
 from chatserver.passwords import HashParameters
 from chatserver.protocol import Error, LoggedIn, Ping, Pong, Register, Send, Sent
@@ -13,7 +14,8 @@ from chatserver.server import ServerConfig
 from .helpers import PASSWORD, RawPeer
 
 
-def test_an_unexpected_error_in_a_send_is_an_internal_error_reply_and_nothing_more(tmp_path):
+def test_an_unexpected_error_in_a_send_is_an_internal_error_reply_and_nothing_more(tmp_path,
+                                                                                  monkeypatch):
     app = ChatApp(str(tmp_path / "c.db"), ServerConfig(port=0, registrations_per_hour=0),
                   hash_params=HashParameters(time_cost=1, memory_kib=64, parallelism=1))
     app.start()
@@ -23,16 +25,18 @@ def test_an_unexpected_error_in_a_send_is_an_internal_error_reply_and_nothing_mo
             peer.hello()
             assert isinstance(peer.request(Register(request_id=2, name="alice",
                                                     password=PASSWORD)), LoggedIn)
-            real_submit = app.service.submit_send
+            real_validate = domain.validate_body
             calls = []
 
-            def broken(*args, **kwargs):
+            def broken(*args, **kwargs):  # a bug in checking the first send only
                 calls.append(args)
                 if len(calls) == 1:
                     raise RuntimeError("a bug")
-                return real_submit(*args, **kwargs)
+                return real_validate(*args, **kwargs)
 
-            app.service.submit_send = broken
+            monkeypatch.setattr(domain, "validate_body", broken)
+            # Both sends arrive in one write: the server handles them as one chunk, and the
+            # bug in one must not take the other down with it.
             peer.send(Send(request_id=3, to="alice", body="first"),
                       Send(request_id=4, to="alice", body="second"),
                       Ping(nonce=5))
