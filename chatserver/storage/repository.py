@@ -106,14 +106,16 @@ _SQLITE_ID_BY_KEY = "SELECT id FROM accounts WHERE name_key = ?"
 _SQLITE_ACCOUNT_EXISTS = "SELECT 1 FROM accounts WHERE id = ?"
 _SQLITE_COUNT_QUEUED = "SELECT count(*) FROM messages WHERE recipient_id = ?"
 _SQLITE_RECEIPT = "SELECT message_id FROM send_receipts WHERE sender_id = ? AND client_msg_id = ?"
-_SQLITE_INSERT_MESSAGES = "INSERT INTO messages (recipient_id, sender_id, sender_name, sent_at, body)"
+_SQLITE_INSERT_MESSAGES = ("INSERT INTO messages (recipient_id, sender_id, sender_name, sent_at,"
+                           " body)")
 _SQLITE_INSERT_RECEIPTS = ("INSERT INTO send_receipts (sender_id, client_msg_id, message_id,"
                            " created_at)")
-# Rows per multi-row INSERT (and ids per DELETE ... IN). sqlite3 releases the GIL around every step of a statement, so
-# executemany over n rows hands the GIL to a busy I/O thread n times and may wait for it
-# back each time (measured: 15x slower under load). One statement of many rows steps once.
-# Chunks are powers of two up to this, so a handful of distinct statements stay prepared,
-# and 128 rows x 5 columns stays under the 999 parameters that older SQLite builds allow.
+# Rows per multi-row INSERT (and ids per DELETE ... IN). sqlite3 releases the GIL around
+# every step of a statement, so executemany over n rows hands the GIL to a busy I/O thread
+# n times and may wait for it back each time (measured: 15x slower under load). One
+# statement of many rows steps once. Chunks are powers of two up to this, so a handful of
+# distinct statements stay prepared, and 128 rows x 5 columns stays under the 999
+# parameters that older SQLite builds allow.
 _SQLITE_ROWS_PER_INSERT = 128
 _multi_row_sql: dict[tuple[str, int, int], str] = {}
 
