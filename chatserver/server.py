@@ -553,17 +553,19 @@ class ChatConnection:
     def _flush_sends(self) -> None:
         """Queue the held sends for the writer, in order (see ``ChatService.submit_sends``)."""
         sends, self._sends = self._sends, []
+        if len(sends) == 1:
+            self._submit_send(*sends[0])
+            return
         account = self.account  # once: another thread may log us out meanwhile
         try:
             if account is None:
                 raise NotLoggedIn("log in first")
+            # A pipelined chunk goes to the writer thread, so the loop reads the next one
+            # meanwhile (a lone send may be committed right here: _submit_send).
             refusals = self.server.service.submit_sends(
                 account, [(event.to, event.body, event.client_msg_id) for event, _ in sends],
                 on_done=lambda indexes, results, error: self._sends_done(
-                    sends, indexes, results, error),
-                # A lone send may be committed right here (see _alone); a pipelined chunk
-                # goes to the writer thread, so the loop reads the next one meanwhile.
-                inline_if_idle=len(sends) == 1 and self._alone())
+                    sends, indexes, results, error))
         except ChatError as exc:
             refusals = [exc] * len(sends)
         except Exception:  # every slot must be filled whatever happens, or replies stop here
@@ -576,6 +578,25 @@ class ChatConnection:
         for (event, slot), refusal in zip(sends, refusals):
             if refusal is not None:
                 self._send_done(event.request_id, slot, None, refusal)
+
+    def _submit_send(self, event: Send, slot: list) -> None:
+        """A lone send: the plainest path, and the only one committed on the loop thread
+        when the writer is idle (see ``_alone``), for a client waiting for each reply."""
+        account = self.account  # once: another thread may log us out meanwhile
+        request_id = event.request_id
+        try:
+            if account is None:
+                raise NotLoggedIn("log in first")
+            self.server.service.submit_send(
+                account, event.to, event.body, event.client_msg_id,
+                on_done=lambda outcome, error: self._send_done(request_id, slot, outcome, error),
+                inline_if_idle=self._alone())
+        except ChatError as exc:
+            self._send_done(request_id, slot, None, exc)
+        except Exception:  # the slot must be filled whatever happens, or replies stop here
+            log.exception("internal error on Send from %s", self.peer)
+            self.replies.fill(slot, encode_event(Error(
+                request_id=request_id, code="internal_error", text="internal server error")))
 
     def _sends_done(self, sends: list, indexes: list[int], results: list | None,
                     error: BaseException | None) -> None:

@@ -231,17 +231,17 @@ class ChatService:
         return self.writer.submit(job)
 
     def submit_sends(self, sender: Account, sends: list[tuple[str, str, str]],
-                     on_done: Callable[[list[int], list | None, BaseException | None], None],
-                     *, inline_if_idle: bool = False) -> list[Exception | None]:
+                     on_done: Callable[[list[int], list | None, BaseException | None], None]
+                     ) -> list[Exception | None]:
         """Several sends of one sender, in order, as few writer jobs as their checks allow.
 
         ``sends``: (to, body, client_msg_id) each. Returns, per send, the refusal that
-        needed no database (a ChatError; or another exception, a bug, confined to that send:
-        the caller answers it at once) or None. The others are
-        queued: ``on_done(indexes, results, None)`` follows each commit with the indexes
-        (into ``sends``) it completes and, for each, its SendOutcome or the ChatError that
-        refused it; or ``on_done(indexes, None, error)`` if the whole job failed. Called on
-        the writer's thread (or on this one: ``GroupCommitWriter.submit_callback``).
+        needed no database (a ChatError; or another exception, a bug, confined to that
+        send: the caller answers it at once) or None. The others are queued:
+        ``on_done(indexes, results, None)`` follows each commit, on the writer's thread,
+        with the indexes (into ``sends``) it completes and, for each, its SendOutcome or the
+        ChatError that refused it; or ``on_done(indexes, None, error)`` if the whole job
+        failed.
         """
         refusals: list[Exception | None] = [None] * len(sends)
         batch: list[_SendJob] = []
@@ -259,18 +259,18 @@ class ChatService:
             # Another kind of job (a retry over the rate) must come after the sends before
             # it, and its own completion says which send it is.
             if batch:
-                self._submit_batch(batch, indexes, on_done, refusals, False)
+                self._submit_batch(batch, indexes, on_done, refusals)
                 batch, indexes = [], []
             try:
                 self.writer.submit_callback(job, _one_of(i, on_done))
             except ChatError as exc:  # shutting down
                 refusals[i] = exc
         if batch:
-            self._submit_batch(batch, indexes, on_done, refusals, inline_if_idle)
+            self._submit_batch(batch, indexes, on_done, refusals)
         return refusals
 
     def _submit_batch(self, batch: list[_SendJob], indexes: list[int], on_done,
-                      refusals: list, inline_if_idle: bool) -> None:
+                      refusals: list) -> None:
         if len(batch) == 1:
             job, done = batch[0], _one_of(indexes[0], on_done)
         else:
@@ -279,7 +279,7 @@ class ChatService:
             def done(results, error):
                 on_done(indexes, results, error)
         try:
-            self.writer.submit_callback(job, done, inline_if_idle=inline_if_idle)
+            self.writer.submit_callback(job, done)
         except ChatError as exc:  # shutting down: nothing of it was queued
             for i in indexes:
                 refusals[i] = exc

@@ -5,6 +5,8 @@ place left empty would hold back every later reply of the connection.)"""
 
 from __future__ import annotations
 
+import pytest
+
 from chatserver import domain
 from chatserver.app import ChatApp
 from chatserver.passwords import HashParameters
@@ -14,8 +16,9 @@ from chatserver.server import ServerConfig
 from .helpers import PASSWORD, RawPeer
 
 
-def test_an_unexpected_error_in_a_send_is_an_internal_error_reply_and_nothing_more(tmp_path,
-                                                                                  monkeypatch):
+@pytest.mark.parametrize("together", [True, False], ids=["one-write", "one-by-one"])
+def test_an_unexpected_error_in_a_send_is_an_internal_error_reply_and_nothing_more(
+        tmp_path, monkeypatch, together):
     app = ChatApp(str(tmp_path / "c.db"), ServerConfig(port=0, registrations_per_hour=0),
                   hash_params=HashParameters(time_cost=1, memory_kib=64, parallelism=1))
     app.start()
@@ -35,12 +38,17 @@ def test_an_unexpected_error_in_a_send_is_an_internal_error_reply_and_nothing_mo
                 return real_validate(*args, **kwargs)
 
             monkeypatch.setattr(domain, "validate_body", broken)
-            # Both sends arrive in one write: the server handles them as one chunk, and the
-            # bug in one must not take the other down with it.
-            peer.send(Send(request_id=3, to="alice", body="first"),
-                      Send(request_id=4, to="alice", body="second"),
-                      Ping(nonce=5))
-            first, second, pong = peer.reply(), peer.reply(), peer.reply()  # (pushes skipped)
+            if together:
+                # One write: the server handles both sends as one chunk, and the bug in one
+                # must not take the other down with it.
+                peer.send(Send(request_id=3, to="alice", body="first"),
+                          Send(request_id=4, to="alice", body="second"),
+                          Ping(nonce=5))
+                first, second, pong = peer.reply(), peer.reply(), peer.reply()  # (no pushes)
+            else:  # each send alone: the path of a client waiting for each reply
+                first = peer.request(Send(request_id=3, to="alice", body="first"))
+                second = peer.request(Send(request_id=4, to="alice", body="second"))
+                pong = peer.request(Ping(nonce=5))
         assert isinstance(first, Error) and (first.request_id, first.code) == (3, "internal_error")
         assert isinstance(second, Sent) and second.request_id == 4
         assert pong == Pong(nonce=5)
