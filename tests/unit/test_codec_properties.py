@@ -205,18 +205,25 @@ def _generic(body: bytes):
 
 
 @st.composite
-def send_bodies(draw) -> bytes:
-    """Send bodies, well formed or damaged: truncated, extended, a byte flipped."""
-    body = encode_event(draw(struct_strategy(Send)))[4:]
-    damage = draw(st.sampled_from(["none", "cut", "extend", "flip"]))
+def event_bodies(draw, cls, *, shortest: int, places, values) -> bytes:
+    """Frame bodies of ``cls`` events, well formed or damaged: cut to ``shortest`` bytes or
+    more, extended, or a byte at one of ``places(body)`` replaced by one of ``values``."""
+    body = encode_event(draw(struct_strategy(cls)))[4:]
+    damage = draw(st.sampled_from(["none", "cut", "extend", "replace"]))
     if damage == "cut":
-        return body[:draw(st.integers(0, len(body)))]
+        return body[:draw(st.integers(shortest, len(body)))]
     if damage == "extend":
         return body + draw(st.binary(min_size=1, max_size=4))
-    if damage == "flip":
-        i = draw(st.integers(1, len(body) - 1))
-        return body[:i] + bytes([draw(st.integers(0, 255))]) + body[i + 1:]
+    if damage == "replace":
+        i = draw(st.sampled_from(places(body)))
+        return body[:i] + bytes([draw(values)]) + body[i + 1:]
     return body
+
+
+def send_bodies():
+    """Send bodies: cut anywhere, extended, any byte after the type byte flipped."""
+    return event_bodies(Send, shortest=0, places=lambda body: range(1, len(body)),
+                        values=st.integers(0, 255))
 
 
 @SETTINGS
@@ -250,19 +257,10 @@ def test_encode_send_is_the_frame_of_the_send_event(event):
         encode_event(event)
 
 
-@st.composite
-def sent_bodies(draw) -> bytes:
-    """Sent bodies, well formed or damaged: truncated, extended, a bool byte not 0 or 1."""
-    body = encode_event(draw(struct_strategy(Sent)))[4:]
-    damage = draw(st.sampled_from(["none", "cut", "extend", "bool"]))
-    if damage == "cut":
-        return body[:draw(st.integers(1, len(body)))]
-    if damage == "extend":
-        return body + draw(st.binary(min_size=1, max_size=4))
-    if damage == "bool":
-        i = draw(st.sampled_from([len(body) - 2, len(body) - 1]))
-        return body[:i] + bytes([draw(st.integers(2, 255))]) + body[i + 1:]
-    return body
+def sent_bodies():
+    """Sent bodies: cut, extended, or a bool byte that is neither 0 nor 1."""
+    return event_bodies(Sent, shortest=1, places=lambda body: [len(body) - 2, len(body) - 1],
+                        values=st.integers(2, 255))
 
 
 @SETTINGS
