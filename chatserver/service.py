@@ -46,17 +46,7 @@ class _SendJob:
     announcer: Announcer | None = None  # PostgreSQL: tell the other servers (announce.py)
 
     bulk_is_atomic = True  # store_messages stores all of a batch or nothing: no savepoint
-
-    @staticmethod
-    def run_bulk(repo: Repository, jobs: list[_SendJob]) -> list:
-        outcomes = repo.store_messages([job.message for job in jobs], jobs[0].cap)
-        announcer = jobs[0].announcer
-        if announcer is not None:
-            stored = [(o.recipient_id, o.message_id) for o in outcomes
-                      if type(o) is SendOutcome and o.message is not None]
-            if stored:
-                announcer.announce(repo, stored)
-        return outcomes
+    bulk_group = "send"  # stored together with the _SendBatch jobs around it
 
 
 class _SendBatch:
@@ -65,22 +55,47 @@ class _SendBatch:
     list with each send's outcome, or the ChatError that refused it."""
 
     __slots__ = ("jobs",)
-    bulk_is_atomic = True  # one store_messages for the whole group: all or nothing
+    bulk_is_atomic = True
+    bulk_group = "send"
 
     def __init__(self, jobs: list[_SendJob]):
         self.jobs = jobs
 
-    @staticmethod
-    def run_bulk(repo: Repository, batches: list[_SendBatch]) -> list:
-        jobs = [job for batch in batches for job in batch.jobs]
-        outcomes = _SendJob.run_bulk(repo, jobs)
-        results = []
-        start = 0
-        for batch in batches:
-            end = start + len(batch.jobs)
-            results.append(outcomes[start:end])
-            start = end
-        return results
+
+def _store_sends(repo: Repository, jobs: list[_SendJob | _SendBatch]) -> list:
+    """``run_bulk`` of both send jobs: one ``store_messages`` for the whole group (all or
+    nothing); a _SendJob's result is its outcome, a _SendBatch's the list of its sends'."""
+    if all(type(job) is _SendJob for job in jobs):
+        sends = jobs
+    else:
+        sends = []
+        for job in jobs:
+            if type(job) is _SendJob:
+                sends.append(job)
+            else:
+                sends.extend(job.jobs)
+    outcomes = repo.store_messages([send.message for send in sends], sends[0].cap)
+    announcer = sends[0].announcer
+    if announcer is not None:
+        stored = [(o.recipient_id, o.message_id) for o in outcomes
+                  if type(o) is SendOutcome and o.message is not None]
+        if stored:
+            announcer.announce(repo, stored)
+    if sends is jobs:
+        return outcomes
+    results = []
+    start = 0
+    for job in jobs:
+        if type(job) is _SendJob:
+            results.append(outcomes[start])
+            start += 1
+        else:
+            results.append(outcomes[start:start + len(job.jobs)])
+            start += len(job.jobs)
+    return results
+
+
+_SendJob.run_bulk = _SendBatch.run_bulk = staticmethod(_store_sends)
 
 
 @dataclass(slots=True)

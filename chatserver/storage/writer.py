@@ -256,24 +256,28 @@ class _Failed:
 
 
 def _groups(batch):
-    """Consecutive bulk jobs of one type form one group; any other job is a group of its own.
+    """Consecutive bulk jobs of one kind form one group; any other job is a group of its own.
 
     A bulk job's class has ``run_bulk(repo, jobs) -> list`` (a result or an exception per
-    job): a hundred sends cost a handful of statements instead of a hundred rounds. With
-    ``bulk_is_atomic = True`` it also promises that an exception leaves nothing of the
-    group written, so it runs without a savepoint.
+    job): a hundred sends cost a handful of statements instead of a hundred rounds. Its
+    kind is its class, or its ``bulk_group`` if it has one (classes that share a
+    ``run_bulk``, like a send and a batch of sends). With ``bulk_is_atomic = True`` it also
+    promises that an exception leaves nothing of the group written, so it runs without a
+    savepoint.
     """
     group: list = []
-    group_type = None
+    group_kind = None
     for item in batch:
         job_type = type(item[0])
-        if group and job_type is group_type and hasattr(job_type, "run_bulk"):
+        kind = getattr(job_type, "bulk_group", job_type) if hasattr(job_type, "run_bulk") \
+            else None
+        if group and kind is not None and kind == group_kind:
             group.append(item)
             continue
         if group:
             yield group
         group = [item]
-        group_type = job_type
+        group_kind = kind
     if group:
         yield group
 

@@ -7,6 +7,7 @@ Every database here lives in ``tmp_path`` and is brought to head by
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -84,3 +85,25 @@ def alice(service):
 @pytest.fixture
 def bob(service):
     return service.register("Bob", PASSWORD)
+
+
+class Held:
+    """Holds the writer inside one batch so that the jobs queued meanwhile form the next."""
+
+    WAIT = 30
+
+    def __init__(self, writer):
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.future = writer.submit(self._job)
+        assert self.entered.wait(self.WAIT)
+
+    def _job(self, _repo):
+        self.entered.set()
+        assert self.release.wait(self.WAIT)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.future.result(self.WAIT)

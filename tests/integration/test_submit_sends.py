@@ -20,8 +20,9 @@ from chatserver.errors import (
 )
 from chatserver.limits import RateLimiter
 from chatserver.service import ChatService
+from chatserver.storage.repository import Repository
 
-from .conftest import PASSWORD
+from .conftest import PASSWORD, Held
 
 WAIT = 30
 
@@ -113,3 +114,38 @@ def test_chunks_of_any_size(service, alice, bob, count):
     ids = [got[i].message_id for i in range(count)]
     assert ids == sorted(ids) and len(set(ids)) == count
     assert bodies(service, bob) == [f"m{i}" for i in range(min(count, 100))]
+
+
+def test_lone_sends_and_chunks_in_one_commit_are_stored_together_in_order(
+        service, writer, alice, bob, monkeypatch):
+    """A lone send and chunks queued behind one another form one group of the writer's
+    batch (one store_messages): every send keeps its own outcome and the ids follow the
+    order in which they were queued."""
+    carol = service.register("Carol", PASSWORD)
+    calls = []
+    real_store = Repository.store_messages
+
+    def counted(repo, batch, cap=0):
+        calls.append(len(batch))
+        return real_store(repo, batch, cap)
+
+    monkeypatch.setattr(Repository, "store_messages", counted)
+    first_chunk, second_chunk = Answers(), Answers()
+    with Held(writer):
+        lone = service.submit_send(alice, "Bob", "lone 1", client_msg_id="l-1")
+        service.submit_sends(alice, [("Bob", "chunk 1a", "k-1"), ("Nobody", "x", ""),
+                                     ("Carol", "chunk 1b", "")], first_chunk)
+        lone_2 = service.submit_send(carol, "Bob", "lone 2")
+        service.submit_sends(carol, [("Bob", "chunk 2a", ""), ("Bob", "chunk 2b", "l-1")],
+                             second_chunk)
+    one, two = first_chunk.wait(3), second_chunk.wait(2)
+    first, second = lone.result(WAIT), lone_2.result(WAIT)
+    assert calls == [7]  # one group: 2 lone sends and 5 in chunks
+    assert isinstance(one[1], NoSuchAccount)
+    order = [first.message_id, one[0].message_id, one[2].message_id, second.message_id,
+             two[0].message_id, two[1].message_id]
+    assert order == sorted(order) and len(set(order)) == 6
+    assert two[1].duplicate is False  # "l-1" is Alice's client id, not Carol's
+    page, _ = service.fetch(bob, 100)
+    assert [m.body for m in page] == ["lone 1", "chunk 1a", "lone 2", "chunk 2a", "chunk 2b"]
+    assert [m.sender for m in page] == ["Alice", "Alice", "Carol", "Carol", "Carol"]

@@ -9,14 +9,13 @@ exactly the outcome the careful, uncached path would give.
 from __future__ import annotations
 
 import sqlite3
-import threading
 
 import pytest
 
 from chatserver.errors import InvalidCredentials, NoSuchAccount, QueueFull
 from chatserver.service import ChatService
 
-from .conftest import PASSWORD
+from .conftest import PASSWORD, Held
 
 WAIT = 30
 
@@ -44,26 +43,6 @@ def count(db, sql: str, params: tuple = ()) -> int:
 
 def capped(db, writer, hasher, clock, cap: int) -> ChatService:
     return ChatService(db, writer, hasher, clock=clock.now, max_queued_per_account=cap)
-
-
-class Held:
-    """Holds the writer inside one batch so that the sends queued meanwhile form the next."""
-
-    def __init__(self, writer):
-        self.entered, self.release = threading.Event(), threading.Event()
-        self.future = writer.submit(self._job)
-        assert self.entered.wait(WAIT)
-
-    def _job(self, _repo):
-        self.entered.set()
-        assert self.release.wait(WAIT)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release.set()
-        self.future.result(WAIT)
 
 
 # -- accounts deleted or replaced elsewhere ---------------------------------------------------
