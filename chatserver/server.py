@@ -603,14 +603,11 @@ class ChatConnection:
         """(The writer's thread, after the commit.) Each send's push and reply."""
         for position, index in enumerate(indexes):
             event, slot = sends[index]
-            if error is not None:
-                self._send_done(event.request_id, slot, None, error)
+            outcome = results[position] if error is None else None
+            if isinstance(outcome, ChatError):  # this send's refusal
+                self._send_done(event.request_id, slot, None, outcome)
             else:
-                result = results[position]
-                if isinstance(result, ChatError):
-                    self._send_done(event.request_id, slot, None, result)
-                else:
-                    self._send_done(event.request_id, slot, result, None)
+                self._send_done(event.request_id, slot, outcome, error)
 
     def _alone(self) -> bool:
         """Whether the loop has nothing else to do this turn: this connection alone was ready

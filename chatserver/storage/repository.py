@@ -124,39 +124,43 @@ _SQLITE_UNDELIVERED = ("SELECT id, sender_name, recipient_id, sent_at, body FROM
 _SQLITE_DELETE_MESSAGES = "DELETE FROM messages WHERE recipient_id = ? AND id IN "
 
 
+def _power_of_two_chunks(count: int) -> Iterator[tuple[int, int]]:
+    """(start, size) of consecutive chunks covering ``count`` items: powers of two up to
+    _SQLITE_ROWS_PER_INSERT, so that a few statement sizes serve every batch."""
+    start = 0
+    while start < count:
+        size = min(_SQLITE_ROWS_PER_INSERT, 1 << ((count - start).bit_length() - 1))
+        yield start, size
+        start += size
+
+
+def _sized_sql(head: str, width: int, rows: int) -> str:
+    """``head`` then ``rows`` groups of ``width`` placeholders, ``(?, ?), (?, ?)``; cached."""
+    key = (head, width, rows)
+    sql = _multi_row_sql.get(key)
+    if sql is None:
+        group = "(" + ", ".join("?" * width) + ")"
+        sql = _multi_row_sql[key] = head + ", ".join([group] * rows)
+    return sql
+
+
 def _insert_rows(cur, insert: str, rows: Sequence[tuple]) -> None:
     """Insert ``rows`` (tuples of equal length) in a few multi-row statements, in order."""
-    columns = len(rows[0])
-    start = 0
-    left = len(rows)
-    while left:
-        n = min(_SQLITE_ROWS_PER_INSERT, 1 << (left.bit_length() - 1))
-        sql = _multi_row_sql.get((insert, columns, n))
-        if sql is None:
-            values = "(" + ", ".join("?" * columns) + ")"
-            sql = _multi_row_sql[(insert, columns, n)] = (
-                insert + " VALUES " + ", ".join([values] * n))
-        cur.execute(sql, [value for row in rows[start:start + n] for value in row])
-        start += n
-        left -= n
+    head = insert + " VALUES "
+    width = len(rows[0])
+    for start, size in _power_of_two_chunks(len(rows)):
+        cur.execute(_sized_sql(head, width, size),
+                    [value for row in rows[start:start + size] for value in row])
 
 
 def _delete_messages(cur, recipient_id: int, ids: Sequence[int]) -> int:
     """Delete these ids of the recipient in a few ``IN`` statements (same chunking and for
     the same reason as ``_insert_rows``); return how many rows went."""
     deleted = 0
-    start = 0
-    left = len(ids)
-    while left:
-        n = min(_SQLITE_ROWS_PER_INSERT, 1 << (left.bit_length() - 1))
-        sql = _multi_row_sql.get((_SQLITE_DELETE_MESSAGES, 1, n))
-        if sql is None:
-            sql = _multi_row_sql[(_SQLITE_DELETE_MESSAGES, 1, n)] = (
-                _SQLITE_DELETE_MESSAGES + "(" + ", ".join("?" * n) + ")")
-        cur.execute(sql, [recipient_id, *ids[start:start + n]])
+    for start, size in _power_of_two_chunks(len(ids)):
+        cur.execute(_sized_sql(_SQLITE_DELETE_MESSAGES, size, 1),
+                    [recipient_id, *ids[start:start + size]])
         deleted += cur.rowcount
-        start += n
-        left -= n
     return deleted
 
 
