@@ -7,6 +7,7 @@ one batch while the test queues more jobs, which the writer then takes as the ne
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from concurrent.futures import Future
 
 import pytest
 
+from chatserver.domain import NewMessage
 from chatserver.errors import InvalidRequest, NameTaken, ShuttingDown, StorageUnavailable
 from chatserver.storage.database import Database
 from chatserver.storage.writer import GroupCommitWriter
@@ -205,6 +207,42 @@ def test_disk_full_fails_the_batch_and_the_writer_recovers(db, writer):
     writer.run(lambda repo: repo.conn.exec_driver_sql("PRAGMA max_page_count = 1073741823"))
     writer.run(lambda repo: repo.add_account("Big", "big", "h" * 200_000, 1))
     assert names_in_db(db) == ["Big"]
+
+
+def open_temp_files() -> list[str]:
+    """Files SQLite created in the temp directory that this process still has open (it
+    unlinks them at once, so only /proc/self/fd shows them)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if "etilqs_" in target:  # SQLite's prefix for temp files
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_a_big_write_keeps_its_sub_journal_in_memory(db, writer):
+    """A savepoint (and a multi-row statement) keeps the original of every page it changes,
+    to undo it; past 64 KiB SQLite would write that sub-journal to a temp file, and a batch
+    of sends went past it on every commit. The writer's connection keeps it in memory."""
+    sender = writer.run(lambda repo: repo.add_account("Sender", "sender", "h", 1))
+    reader = writer.run(lambda repo: repo.add_account("Reader", "reader", "h", 1))
+    batch = [NewMessage(sender, "reader", "Reader", "x" * 1000, 1, f"m{i}") for i in range(300)]
+    ids = [o.message_id for o in writer.run(lambda repo: repo.store_messages(batch))]
+
+    def delete_then_look(repo):
+        # ~75 pages that existed before the savepoint change: ~300 KiB to journal.
+        deleted = repo.delete_messages(reader.id, ids)
+        # A sub-journal file, had there been one, stays open until the transaction ends.
+        return deleted, open_temp_files()
+
+    deleted, temp_files = writer.run(delete_then_look)
+    assert temp_files == []
+    assert deleted == 300
+    assert raw(db, "SELECT count(*) FROM messages") == [(0,)]
 
 
 # -- concurrency ----------------------------------------------------------------------------
