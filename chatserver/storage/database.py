@@ -90,20 +90,25 @@ _BEGUN = "chat_begun"  # Connection.info flag: the next begin() is already under
 
 
 def try_begin_now(conn) -> bool:
-    """SQLite: take the write lock now if it is free (BEGIN IMMEDIATE without waiting), so
-    that the next ``conn.begin()`` runs in it; False, and nothing begun, if another
-    connection holds it. For a caller that must not wait out the busy timeout (the I/O
-    loop committing a send inline: it would stall every connection)."""
-    raw = conn.connection.driver_connection
-    raw.execute("PRAGMA busy_timeout = 0")
+    """SQLite: take the write lock now (BEGIN IMMEDIATE), so that the next ``conn.begin()``
+    runs in it; False, and nothing begun, if another connection holds it. Waits only as long
+    as the connection's busy timeout: for a caller that must not wait (the I/O loop
+    committing a send inline: it would stall every connection), one set to 0 with
+    ``wait_for_locks(conn, False)``."""
     try:
-        raw.execute("BEGIN IMMEDIATE")
+        conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError:  # SQLITE_BUSY / locked
         return False
-    finally:
-        raw.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.info[_BEGUN] = True
     return True
+
+
+def wait_for_locks(conn, wait: bool) -> None:
+    """SQLite: whether statements on ``conn`` wait up to BUSY_TIMEOUT_MS for another
+    connection's lock (every connection's default) or fail at once. Put it back before the
+    connection goes back to the pool: whoever took it next would fail where it should wait."""
+    conn.connection.driver_connection.execute(
+        f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS if wait else 0}")
 
 
 PRIVATE_FILE_MODE = 0o600  # messages and password hashes are nobody else's business

@@ -30,7 +30,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from chatserver.errors import ChatError, ShuttingDown, StorageUnavailable
-from chatserver.storage.database import storage_errors, try_begin_now
+from chatserver.storage.database import storage_errors, try_begin_now, wait_for_locks
 from chatserver.storage.repository import Repository, WriteCache
 
 T = TypeVar("T")
@@ -60,6 +60,10 @@ class GroupCommitWriter:
         self._db_lock = threading.Lock()  # held by whichever thread writes (see module doc)
         self._conn = None
         self._inline_capable = engine.dialect.name == "sqlite"
+        # Whether _conn waits out other processes' locks: yes on the writer thread, no for
+        # an inline commit. Switched only when the other kind of commit comes, so that a
+        # run of inline commits pays no statement for it.
+        self._conn_waits = True
         self._thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
         self._thread.start()
 
@@ -137,9 +141,7 @@ class GroupCommitWriter:
                 with self._lock:
                     self._in_flight -= len(batch)
         with self._db_lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._close_connection(broken=False)
 
     def _execute_inline(self, item) -> bool:
         """Commit one job on the calling thread (``_db_lock`` held) if the database's write
@@ -148,21 +150,31 @@ class GroupCommitWriter:
         if not self._inline_capable:
             return False
         try:
-            if self._conn is None:
-                self._conn = self._engine.connect()
-            if not try_begin_now(self._conn):
+            conn = self._connection(waits=False)
+            if not try_begin_now(conn):
                 return False
         except Exception:  # let the writer thread meet (and report) the failure
             return False
-        self._execute([item])
+        self._execute([item], begun=True)
         return True
 
-    def _execute(self, batch) -> None:
-        """Commit a batch and resolve its jobs (with ``_db_lock`` held)."""
+    def _connection(self, *, waits: bool):
+        """The writer's connection (opened if need be), waiting for other processes' locks
+        or not (SQLite; see ``wait_for_locks``)."""
+        if self._conn is None:
+            self._conn = self._engine.connect()
+            self._conn_waits = True
+        if self._inline_capable and self._conn_waits != waits:
+            wait_for_locks(self._conn, waits)
+            self._conn_waits = waits
+        return self._conn
+
+    def _execute(self, batch, *, begun: bool = False) -> None:
+        """Commit a batch and resolve its jobs (with ``_db_lock`` held); ``begun``: its
+        transaction is already open (an inline commit)."""
         try:
-            if self._conn is None:
-                self._conn = self._engine.connect()
-            self._commit_batch(self._conn, batch)
+            conn = self._conn if begun else self._connection(waits=True)
+            self._commit_batch(conn, batch)
         except Exception as exc:  # the database failed: every job of the batch is refused
             log.error("write batch of %d failed: %s", len(batch), exc)
             error = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(
@@ -171,12 +183,26 @@ class GroupCommitWriter:
             for _job, future in batch:
                 if not future.done():
                     future.set_exception(error)
-            if self._conn is not None:
+            self._close_connection(broken=True)
+
+    def _close_connection(self, *, broken: bool) -> None:
+        """Give the connection back to the pool as every connection is (waiting for locks),
+        or discard it: a broken one, or one whose busy timeout could not be put back (whoever
+        took it next would fail where they should wait)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if not broken and not self._conn_waits:
                 try:
-                    self._conn.close()
-                except Exception:  # a broken connection may fail to close; drop it
-                    pass
-                self._conn = None
+                    wait_for_locks(conn, True)
+                except Exception:  # noqa: BLE001 - then it must not be reused
+                    broken = True
+            if broken:
+                conn.invalidate()
+            conn.close()
+        except Exception:  # noqa: BLE001, S110 - a broken connection may fail to close; drop it
+            pass
 
     def _commit_batch(self, conn, batch) -> None:
         started = time.perf_counter()

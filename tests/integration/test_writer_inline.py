@@ -12,6 +12,7 @@ import threading
 
 import pytest
 
+from chatserver.storage.database import BUSY_TIMEOUT_MS
 from chatserver.storage.writer import GroupCommitWriter
 
 WAIT = 30  # seconds; only a bound on hangs, never an assertion about speed
@@ -129,3 +130,39 @@ def test_write_lock_held_by_another_process_sends_the_job_to_the_writer_thread(d
         assert seen["again"] == threading.get_ident()
     finally:
         other.close()
+
+
+def busy_timeout(conn) -> int:
+    return conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
+
+
+def test_after_inline_commits_the_writer_thread_still_waits_for_locks(db, writer):
+    """An inline commit must not wait for another process's lock, so it runs with SQLite's
+    busy timeout at 0; the writer thread's transactions wait as every connection does."""
+    ran_on = []
+    writer.submit_callback(add("gina"), lambda r, e: ran_on.append(threading.get_ident()),
+                           inline_if_idle=True)
+    assert ran_on == [threading.get_ident()]  # inline, with the timeout at 0
+    assert writer.run(lambda repo: busy_timeout(repo.conn)) == BUSY_TIMEOUT_MS
+    writer.submit_callback(add("hank"), lambda r, e: ran_on.append(threading.get_ident()),
+                           inline_if_idle=True)
+    assert ran_on[-1] == threading.get_ident()  # and inline again after it
+    assert committed_names(db) == ["gina", "hank"]
+
+
+def test_the_writer_connection_goes_back_to_the_pool_waiting_for_locks(db):
+    """Its busy timeout changes; a unit of work that took it from the pool afterwards must
+    not fail at once where it should wait for another process's lock."""
+    w = GroupCommitWriter(db.write_engine)
+    w.submit_callback(add("ivan"), lambda r, e: None, inline_if_idle=True)  # timeout now 0
+    w.close()
+    pooled = db.write_engine.pool.checkedin()
+    assert pooled >= 1  # the writer's, among them
+    conns = [db.write_engine.raw_connection() for _ in range(pooled)]
+    try:
+        timeouts = [c.driver_connection.execute("PRAGMA busy_timeout").fetchone()[0]
+                    for c in conns]
+        assert timeouts == [BUSY_TIMEOUT_MS] * pooled
+    finally:
+        for c in conns:
+            c.close()
