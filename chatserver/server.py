@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from chatserver import domain, tls
-from chatserver.domain import Account, StoredMessage
+from chatserver.domain import Account, SendOutcome, StoredMessage
 from chatserver.errors import (
     AlreadyLoggedIn,
     ChatError,
@@ -600,14 +600,40 @@ class ChatConnection:
 
     def _sends_done(self, sends: list, indexes: list[int], results: list | None,
                     error: BaseException | None) -> None:
-        """(The writer's thread, after the commit.) Each send's push and reply."""
+        """(The writer's thread, after the commit.) Each send's push and reply.
+
+        One pass for the chunk: a send stored for a recipient with no live session (or a
+        duplicate) is answered right here, its count added once; a push or a refusal goes
+        through ``_send_done``. Half the cost per send of calling it for each."""
+        if error is not None:
+            for index in indexes:
+                event, slot = sends[index]
+                self._send_done(event.request_id, slot, None, error)
+            return
+        fill = self.replies.fill
+        sessions_of = self.server.registry.sessions_of
+        offline: set[int] = set()  # recipients seen without a session in this chunk
+        stored = 0
         for position, index in enumerate(indexes):
             event, slot = sends[index]
-            outcome = results[position] if error is None else None
+            outcome = results[position]
+            if type(outcome) is SendOutcome:
+                if outcome.message is None:  # a duplicate: nothing stored, nothing pushed
+                    fill(slot, encode_sent(event.request_id, outcome.message_id, False,
+                                           outcome.duplicate))
+                    continue
+                recipient_id = outcome.recipient_id
+                if recipient_id in offline or not sessions_of(recipient_id):
+                    offline.add(recipient_id)
+                    stored += 1
+                    fill(slot, encode_sent(event.request_id, outcome.message_id, False, False))
+                    continue
             if isinstance(outcome, ChatError):  # this send's refusal
                 self._send_done(event.request_id, slot, None, outcome)
             else:
-                self._send_done(event.request_id, slot, outcome, error)
+                self._send_done(event.request_id, slot, outcome, None)
+        if stored:
+            self.server.metrics.stored.inc(stored)
 
     def _alone(self) -> bool:
         """Whether the loop has nothing else to do this turn: this connection alone was ready

@@ -30,7 +30,7 @@ from chatserver.protocol import (
     encode_event,
 )
 
-from .helpers import PASSWORD, fetch_all
+from .helpers import PASSWORD, fetch_all, pushes_until
 from .rawframes import RawClient
 
 
@@ -189,6 +189,38 @@ def test_pipelined_duplicates_in_one_batch(raw_connect, connect):
     sink = connect()
     assert sink.login("sink", PASSWORD).pending == 10
     assert [m.body for m in fetch_all(sink)] == [f"b{g}" for g in range(10)]
+
+
+def test_pipelined_sends_to_online_and_offline_recipients(raw_connect, connect):
+    """One write of sends answered in one pass: each reply says whether its message was
+    pushed, repeats and refusals keep their place, and the online recipient gets its pushes,
+    in order, and nothing else."""
+    sink = connect()
+    sink.register("sink", PASSWORD)
+    sink.logout()  # offline from here on
+    live = connect()
+    live.register("live", PASSWORD)
+    raw = raw_connect()
+    raw.hello()
+    raw.send(Register(request_id=2, name="mixer", password=PASSWORD))
+    assert isinstance(raw.reply(), LoggedIn)
+    script = [("sink", "k0", "to sink"), ("live", "k1", "to live"), ("sink", "k0", "repeat"),
+              ("nobody", "k2", "lost"), ("LIVE", "k3", "to live again"), ("sink", "k4", "last")]
+    raw.send(*[Send(request_id=10 + i, to=to, client_msg_id=cid, body=body)
+               for i, (to, cid, body) in enumerate(script)])
+    replies = [raw.reply() for _ in script]
+    assert [r.request_id for r in replies] == [10, 11, 12, 13, 14, 15]
+    assert isinstance(replies[3], Error) and replies[3].code == "no_such_account"
+    sent = [replies[i] for i in (0, 1, 2, 4, 5)]
+    assert all(isinstance(r, Sent) for r in sent), replies
+    assert [(r.pushed, r.duplicate) for r in sent] == [
+        (False, False), (True, False), (False, True), (True, False), (False, False)]
+    assert sent[2].message_id == sent[0].message_id
+    pushes = pushes_until(live, sent[3].message_id)
+    assert [(p.message.id, p.message.body) for p in pushes] == [
+        (sent[1].message_id, "to live"), (sent[3].message_id, "to live again")]
+    assert sink.login("sink", PASSWORD).pending == 2
+    assert [m.body for m in fetch_all(sink)] == ["to sink", "last"]
 
 
 def test_pipelined_sends_respect_the_queue_cap(server_factory, tmp_path):

@@ -10,8 +10,9 @@ import urllib.request
 import pytest
 
 from chatserver.client import ServerError
-from chatserver.protocol import Notice
+from chatserver.protocol import Notice, Register, Send
 from tests.conftest import chat_command
+from tests.e2e.rawframes import RawClient
 
 PASSWORD = "correct horse"
 
@@ -100,3 +101,30 @@ def test_admin_delete_account_ends_live_sessions(server):
     with pytest.raises(ServerError) as gone:
         bob.send("alice", "too late")
     assert gone.value.code == "no_such_account"
+
+
+def test_metrics_count_pipelined_sends(metered):
+    """Sends that arrive in one write are answered in one pass: each stored one is counted
+    once, a repeat and a refusal are not stored, a push is counted as one."""
+    sink, live = metered.client(), metered.client()
+    sink.register("sink", PASSWORD)
+    sink.logout()  # offline
+    live.register("live", PASSWORD)
+    raw = RawClient(metered.host, metered.port)
+    try:
+        raw.hello()
+        raw.send(Register(request_id=2, name="piper", password=PASSWORD))
+        raw.reply()
+        script = [("sink", "a"), ("sink", "b"), ("sink", "a"), ("nobody", "c"), ("live", "d"),
+                  ("sink", "e")]
+        raw.send(*[Send(request_id=10 + i, to=to, client_msg_id=cid, body=cid)
+                   for i, (to, cid) in enumerate(script)])
+        replies = [raw.reply() for _ in script]
+    finally:
+        raw.close()
+    assert [type(r).__name__ for r in replies] == ["Sent"] * 3 + ["Error"] + ["Sent"] * 2
+    live.pushes.get(timeout=10)
+    samples = scrape(metrics_url(metered))
+    assert samples["chat_messages_stored_total"] == 4
+    assert samples["chat_messages_pushed_total"] == 1
+    assert samples['chat_messages_rejected_total{reason="no_such_account"}'] == 1
