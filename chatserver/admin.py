@@ -344,6 +344,133 @@ def _copy(source_path: str, dest_path: str, step_pages: int, progress: Progress 
     return total
 
 
+# -- restore ----------------------------------------------------------------------------------
+
+RESTORE_ID_GAP = 1_000_000_000  # how far ids jump when the replaced database cannot be read
+_COUNTERS = ("accounts", "messages")  # the AUTOINCREMENT tables whose ids clients remember
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    path: str
+    set_aside: str | None  # the replaced database's files, renamed with this prefix
+    next_ids: dict[str, int]  # table -> the id the restored database hands out next
+    gap: bool  # the replaced database could not be read: ids jumped by RESTORE_ID_GAP
+
+
+def restore(backup_path: str, db_path: str, *, step_pages: int = BACKUP_STEP_PAGES,
+            progress: Progress | None = None) -> RestoreResult:
+    """Replace the SQLite database at ``db_path`` with a copy of ``backup_path``.
+
+    Unlike the rest of this module it needs the server stopped, and refuses otherwise:
+    taking the current database out of WAL mode needs every other connection closed (that
+    also folds its ``-wal`` file into it). The current files are renamed aside
+    (``<db>.before-restore-<time>``, with their ``-wal``/``-shm``), never deleted. Message
+    and account ids are never reused, and clients drop an id they have seen as a duplicate,
+    so the restored database's id counters are raised to the replaced one's; if that one
+    cannot be read, they jump by ``RESTORE_ID_GAP``. The copy is checked, owner-only, in WAL
+    mode, and put in place with one rename; on any failure the old files go back.
+    """
+    backup_path, db_path = os.path.abspath(backup_path), os.path.abspath(db_path)
+    if not os.path.isfile(backup_path):
+        raise AdminError(f"no backup at {backup_path}")
+    if os.path.exists(db_path) and os.path.samefile(backup_path, db_path):
+        raise AdminError("the backup and the database are the same file")
+    _check_backup(backup_path)
+    counters = _stop_using(db_path) if os.path.exists(db_path) else {}
+    gap = counters is None
+    directory = os.path.dirname(db_path)
+    partial = os.path.join(directory, f".{os.path.basename(db_path)}.restoring-{os.getpid()}")
+    create_private_file(partial)
+    set_aside = None
+    try:
+        _copy(backup_path, partial, step_pages, progress)
+        next_ids = _raise_counters(partial, counters)
+        if os.path.exists(db_path):
+            set_aside = f"{db_path}.before-restore-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                if os.path.exists(db_path + suffix):
+                    os.rename(db_path + suffix, set_aside + suffix)
+        os.replace(partial, db_path)
+    except BaseException:
+        if set_aside is not None:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                if os.path.exists(set_aside + suffix) and not os.path.exists(db_path + suffix):
+                    os.rename(set_aside + suffix, db_path + suffix)
+        for leftover in (partial, partial + "-journal", partial + "-wal", partial + "-shm"):
+            try:
+                os.remove(leftover)
+            except FileNotFoundError:
+                pass
+        raise
+    return RestoreResult(db_path, set_aside, next_ids, gap)
+
+
+def _check_backup(path: str) -> None:
+    """A readable chat database that passes SQLite's quick check, or AdminError."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not {"accounts", "messages", "alembic_version"} <= tables:
+                raise AdminError(f"{path} is not a chat database")
+            result = conn.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise AdminError(f"cannot read the backup {path}: {exc}") from None
+    if result != "ok":
+        raise AdminError(f"the backup {path} failed its integrity check ({result})")
+
+
+def _stop_using(path: str) -> dict[str, int] | None:
+    """Take the current database out of WAL mode, which fails while anything else has it
+    open (AdminError); return its id counters, or None if it cannot be read at all."""
+    try:
+        conn = sqlite3.connect(path, timeout=0, isolation_level=None)
+    except sqlite3.Error:
+        return None
+    try:
+        conn.execute("PRAGMA journal_mode = DELETE").fetchone()
+        return dict(conn.execute("SELECT name, seq FROM sqlite_sequence").fetchall())
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY \
+                or "locked" in str(exc):
+            raise AdminError(f"{path} is in use (is chat serve running on it?); stop the "
+                             "server first") from None
+        return None  # (no such table: a file without chat tables; or unreadable)
+    except sqlite3.DatabaseError:  # not a database, or corrupt
+        return None
+    finally:
+        conn.close()
+
+
+def _raise_counters(path: str, counters: dict[str, int] | None) -> dict[str, int]:
+    """Set the copy's id counters to at least ``counters`` (to its own plus the gap if None)
+    and switch it to WAL; return the next id of each table."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        own = dict(conn.execute("SELECT name, seq FROM sqlite_sequence").fetchall())
+        for table in _COUNTERS:
+            seq = own.get(table, 0)
+            seq = seq + RESTORE_ID_GAP if counters is None else max(seq, counters.get(table, 0))
+            if table in own:
+                conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = ?", (seq, table))
+            else:
+                conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)",
+                             (table, seq))
+            own[table] = seq
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA journal_mode = WAL").fetchone()
+    except sqlite3.Error as exc:
+        raise AdminError(f"restore failed: {exc}") from None
+    finally:
+        conn.close()
+    return {table: own[table] + 1 for table in _COUNTERS}
+
+
 # -- schema -----------------------------------------------------------------------------------
 
 

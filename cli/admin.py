@@ -209,7 +209,8 @@ def open_any_database(path_or_url: str, *, create: bool = False):
 def admin() -> None:
     """Administer a chat database directly.
 
-    Works also while `chat serve` runs on the same database. Every command takes --db
+    Works also while `chat serve` runs on the same database (except restore, which needs
+    it stopped). Every command takes --db
     (a SQLite file or a SQLAlchemy URL); errors are one line on stderr with exit status 1.
     Details: docs/ADMIN.md.
 
@@ -218,6 +219,7 @@ def admin() -> None:
       chat admin list-accounts --db chat.db
       chat admin stats --db chat.db
       chat admin backup /var/backups/chat-$(date +%F).db --db chat.db
+      chat admin restore /var/backups/chat-2026-11-24.db --db chat.db   # server stopped
     """
 
 
@@ -407,8 +409,7 @@ def backup(dest, db) -> None:
 
     For SQLite files; safe while the server runs. The copy is taken with SQLite's online
     backup API from one snapshot, checked, and written with owner-only permissions.
-    To restore it, follow docs/ADMIN.md: stop the server first, and never leave the old
-    database's -wal file next to the restored one.
+    To put it back: chat admin restore, with the server stopped (docs/ADMIN.md).
 
     \b
     Example:
@@ -418,6 +419,44 @@ def backup(dest, db) -> None:
         _step(f"backing up {database.display_name} to {os.path.abspath(dest)}")
         result = lib.backup(database, dest, progress=bar)
     click.echo(f"backed up {database.display_name} to {result.path} ({_human(result.bytes)})")
+
+
+@admin.command("restore", short_help="Replace the database with a backup (server stopped).")
+@click.argument("backup_path", metavar="BACKUP", type=click.Path(dir_okay=False))
+@db_option
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def restore(backup_path, db, yes) -> None:
+    """Replace the database with a backup.
+
+    For SQLite files. Refuses while anything has the database open (stop chat serve
+    first). The current files are renamed aside, never deleted; the backup is checked and
+    copied into place owner-only; ids continue above every id handed out before, so no
+    client mistakes a new message for one it has seen. Anything newer than the backup is
+    lost (docs/ADMIN.md).
+
+    \b
+    Example:
+      chat admin restore /var/backups/chat-2026-11-24.db --db /var/lib/chat/chat.db
+    """
+    if "://" in db:
+        raise click.ClickException("restore replaces SQLite files; for PostgreSQL use pg_restore")
+    if not yes:
+        click.confirm(f"Replace {db} with {backup_path}? What happened since the backup is "
+                      "lost", abort=True)
+    with _errors(), _progress("restoring") as bar:
+        _step(f"restoring {os.path.abspath(db)} from {os.path.abspath(backup_path)}")
+        result = lib.restore(backup_path, db, progress=bar)
+    if result.set_aside:
+        click.echo(f"set the replaced database aside as {result.set_aside}")
+    if result.gap:
+        click.echo(f"the replaced database could not be read: ids jump by {lib.RESTORE_ID_GAP:,}")
+    click.echo(f"restored {result.path} from {os.path.abspath(backup_path)}; next message id "
+               f"{result.next_ids['messages']}, next account id {result.next_ids['accounts']}")
+    with open_any_database(result.path) as (database, _created):
+        status = schema_status(database)
+    if status.state == "behind":
+        click.echo(f"the backup is at revision {status.current}; chat serve upgrades it at "
+                   f"start-up, or run: chat admin migrate --db {shown_database(db)}")
 
 
 @admin.command("purge")

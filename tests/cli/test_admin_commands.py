@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def test_every_admin_command_has_a_summary_and_an_example():
     group = cli.commands["admin"]
     assert set(group.commands) == {
         "list-accounts", "show-account", "delete-account", "reset-password", "stats", "backup",
-        "purge", "migrate", "db-status"}
+        "restore", "purge", "migrate", "db-status"}
     for name, command in [("admin", group), *group.commands.items()]:
         args = ["admin", "--help"] if name == "admin" else ["admin", name, "--help"]
         result = CliRunner().invoke(cli, args)
@@ -401,6 +402,126 @@ def test_backup_refuses_to_overwrite(full_db, tmp_path):
     assert (tmp_path / "copy.db").read_text() == "old backup"
 
 
+# -- restore ----------------------------------------------------------------------------------
+
+
+def add_later(path: str, name: str, messages: int) -> tuple[int, int]:
+    """What happens after a backup: an account and messages; return their highest ids."""
+    db = Database(path)
+    try:
+        with db.unit_of_work() as uow:
+            account = uow.repo.add_account(name, name.casefold(), "no-hash", NOW)
+            ids = [uow.repo.add_message(account, account.id, "later", NOW, f"later{i}")
+                   for i in range(messages)]
+            uow.commit()
+    finally:
+        db.dispose()
+    return account.id, max(ids)
+
+
+def next_ids(path: str, probe: str = "probe") -> tuple[int, int]:
+    """The ids the database hands out next: (account, message)."""
+    db = Database(path)
+    try:
+        with db.unit_of_work() as uow:
+            account = uow.repo.add_account(probe, probe, "no-hash", NOW)
+            message = uow.repo.add_message(account, account.id, "probe", NOW, "")
+            uow.commit()
+    finally:
+        db.dispose()
+    return account.id, message
+
+
+def names(path: str) -> list[str]:
+    return [r["name"] for r in json.loads(run("list-accounts", "--db", path, "--json").stdout)]
+
+
+def test_restore_puts_the_backup_back_and_ids_keep_growing(full_db, tmp_path):
+    backup = str(tmp_path / "backup.db")
+    assert run("backup", backup, "--db", full_db).exit_code == 0
+    last_account, last_message = add_later(full_db, "dave", 5)  # lost by the restore
+
+    result = run("restore", backup, "--db", full_db, "--yes")
+    assert result.exit_code == 0, result.output
+    assert names(full_db) == ["alice", "Bob", "carol"]
+    assert stat.S_IMODE(os.stat(full_db).st_mode) == 0o600
+    # the replaced database is kept, whole, under a new name
+    aside = [f for f in os.listdir(tmp_path) if f.startswith("chat.db.before-restore-")]
+    assert len(aside) == 1
+    assert names(str(tmp_path / aside[0])) == ["alice", "Bob", "carol", "dave"]
+    assert result.stdout.splitlines() == [
+        f"set the replaced database aside as {tmp_path / aside[0]}",
+        (f"restored {full_db} from {backup}; next message id {last_message + 1}, "
+         f"next account id {last_account + 1}")]
+    # no id handed out before the restore is handed out again
+    assert next_ids(full_db) == (last_account + 1, last_message + 1)
+
+
+def test_restore_refuses_while_the_database_is_open(full_db, tmp_path):
+    backup = str(tmp_path / "backup.db")
+    assert run("backup", backup, "--db", full_db).exit_code == 0
+    add_later(full_db, "dave", 1)
+    hold_open = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                 "c.execute('SELECT count(*) FROM accounts').fetchall(); "
+                 "print('open', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen(  # another process with the database open, as a server has
+        [sys.executable, "-c", hold_open, full_db],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        one_line_error(run("restore", backup, "--db", full_db, "--yes"),
+                       f"{full_db} is in use (is chat serve running on it?); stop the server "
+                       "first")
+    finally:
+        holder.communicate("", timeout=30)
+    assert names(full_db) == ["alice", "Bob", "carol", "dave"]  # untouched
+    assert not [f for f in os.listdir(tmp_path) if "before-restore" in f or "restoring" in f]
+
+
+def test_restore_refuses_what_is_not_a_chat_backup(full_db, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a database at all " * 100)
+    sqlite3_db = tmp_path / "other.db"
+    conn = sqlite3.connect(sqlite3_db)
+    conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    result = run("restore", str(tmp_path / "notes.txt"), "--db", full_db, "--yes")
+    assert result.exit_code == 1 and "cannot read the backup" in result.stderr
+    one_line_error(run("restore", str(sqlite3_db), "--db", full_db, "--yes"),
+                   f"{sqlite3_db} is not a chat database")
+    one_line_error(run("restore", str(tmp_path / "missing.db"), "--db", full_db, "--yes"),
+                   f"no backup at {tmp_path / 'missing.db'}")
+    one_line_error(run("restore", full_db, "--db", full_db, "--yes"),
+                   "the backup and the database are the same file")
+    assert names(full_db) == ["alice", "Bob", "carol"]
+    assert not [f for f in os.listdir(tmp_path) if "before-restore" in f or "restoring" in f]
+
+
+def test_restore_over_an_unreadable_database_jumps_the_ids(full_db, tmp_path):
+    backup = str(tmp_path / "backup.db")
+    assert run("backup", backup, "--db", full_db).exit_code == 0
+    backup_next = next_ids(backup)  # (this probe adds rows to the backup: fine, it is a copy)
+    with open(full_db, "r+b") as damaged:  # the reason one restores
+        damaged.write(b"\0" * 4096)
+    result = run("restore", backup, "--db", full_db, "--yes")
+    assert result.exit_code == 0, result.output
+    assert f"ids jump by {lib.RESTORE_ID_GAP:,}" in result.stdout
+    assert next_ids(full_db, "probe2") == (backup_next[0] + 1 + lib.RESTORE_ID_GAP,
+                                 backup_next[1] + 1 + lib.RESTORE_ID_GAP)
+
+
+def test_restore_into_a_new_place_and_asks_first(full_db, tmp_path):
+    backup = str(tmp_path / "backup.db")
+    assert run("backup", backup, "--db", full_db).exit_code == 0
+    fresh = str(tmp_path / "fresh.db")
+    result = run("restore", backup, "--db", fresh, input="n\n")
+    assert result.exit_code == 1 and "Aborted" in result.output
+    assert not os.path.exists(fresh)
+    result = run("restore", backup, "--db", fresh, input="y\n")
+    assert result.exit_code == 0, result.output
+    assert names(fresh) == ["alice", "Bob", "carol"]
+    assert "set the replaced database aside" not in result.stdout
+
+
 def test_backup_shows_progress_on_a_terminal(full_db, tmp_path, monkeypatch):
     monkeypatch.setattr(admin_cli, "_stderr_is_tty", lambda: True)
     result = run("backup", str(tmp_path / "copy.db"), "--db", full_db)
@@ -634,3 +755,19 @@ def test_admin_commands_while_the_server_serves_the_same_file(server_factory, tm
         with pytest.raises(Exception, match="invalid_credentials"):
             again.login("alice", "alice-new-password")  # deleted, through the same file
         again.login("bob", "bob-password")
+
+
+def test_restore_refuses_while_chat_serve_runs(server_factory, tmp_path):
+    path = tmp_path / "served.db"
+    server = server_factory(db_path=path)
+    with server.client() as alice:
+        alice.register("alice", "alice-password")
+    backup = str(tmp_path / "backup.db")
+    assert admin_proc("backup", backup, "--db", str(path)).returncode == 0
+    refused = admin_proc("restore", backup, "--db", str(path), "--yes")
+    assert refused.returncode == 1
+    assert refused.stderr == (f"Error: {path} is in use (is chat serve running on it?); "
+                              "stop the server first\n")
+    with server.client() as alice:  # the server goes on, on its own database
+        alice.login("alice", "alice-password")
+    assert not [f for f in os.listdir(tmp_path) if "before-restore" in f or "restoring" in f]
