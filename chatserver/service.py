@@ -47,6 +47,10 @@ class _SendJob:
 
     bulk_is_atomic = True  # store_messages stores all of a batch or nothing: no savepoint
     bulk_group = "send"  # stored together with the _SendBatch jobs around it
+    # Existing pages a send changes at most: its receipt's and a share of the message
+    # table's and its index's (the row itself goes on new pages); for the writer's
+    # sub-journal (``writer._small_journal``).
+    journal_pages = 2
 
 
 class _SendBatch:
@@ -60,6 +64,10 @@ class _SendBatch:
 
     def __init__(self, jobs: list[_SendJob]):
         self.jobs = jobs
+
+    @property
+    def journal_pages(self) -> int:
+        return _SendJob.journal_pages * len(self.jobs)
 
 
 def _store_sends(repo: Repository, jobs: list[_SendJob | _SendBatch]) -> list:

@@ -46,21 +46,13 @@ def shown_database(path_or_url: str) -> str:
         return "<the --db URL>"
 
 
-def _configure_sqlite(engine: Engine, sync: str, begin_sql: str, *, writes: bool) -> None:
+def _configure_sqlite(engine: Engine, sync: str, begin_sql: str) -> None:
     """Pragmas on every new connection, and our own BEGIN.
 
     pysqlite's implicit transactions are switched off so that SQLAlchemy's ``begin`` emits the
     statement we choose: BEGIN IMMEDIATE for writers, so that a writer takes the lock up front
     and waits in busy_timeout instead of failing with "database is locked" when it upgrades a
     read lock (a deferred read-then-write transaction ignores the busy timeout).
-
-    Writers (``writes``) keep their temporary files in memory. A savepoint, and a statement
-    that may fail halfway (a multi-row INSERT), keep the original of every existing page they
-    change in a sub-journal, to undo it; past 64 KiB SQLite spills that to a file it creates,
-    writes and deletes in the temp directory. A batch of sends went past it on every commit
-    (an open, ~80 writes and an unlink: a third of the time it took to store the batch). The
-    memory it takes instead is the pages one savepoint changes: a few hundred KiB for a batch
-    of sends, more only for a big delete (an account's queue and receipts).
     """
 
     @event.listens_for(engine, "connect")
@@ -69,8 +61,6 @@ def _configure_sqlite(engine: Engine, sync: str, begin_sql: str, *, writes: bool
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA foreign_keys = ON")
-        if writes:
-            cur.execute("PRAGMA temp_store = MEMORY")
         cur.execute(f"PRAGMA synchronous = {sync.upper()}")
         cur.close()
 
@@ -111,6 +101,20 @@ def wait_for_locks(conn, wait: bool) -> None:
         f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS if wait else 0}")
 
 
+def journal_in_memory(conn, in_memory: bool) -> None:
+    """SQLite: whether the transactions ``conn`` begins from now on keep their sub-journals
+    (and other temporary files) in memory or in files (every connection's default).
+
+    A savepoint, and a statement that may fail halfway (a multi-row INSERT), keep the
+    original of every existing page they change in a sub-journal, to undo it; past 64 KiB
+    SQLite spills it to a file it creates, writes and unlinks in the temp directory. In
+    memory it costs the pages one transaction changes: fine for a bounded batch of sends,
+    not for deleting an account's queue of 64 KiB messages. Takes effect at the next BEGIN;
+    put the default back before the connection goes back to the pool."""
+    conn.connection.driver_connection.execute(
+        f"PRAGMA temp_store = {'MEMORY' if in_memory else 'DEFAULT'}")
+
+
 PRIVATE_FILE_MODE = 0o600  # messages and password hashes are nobody else's business
 
 
@@ -149,10 +153,10 @@ class Database:
             self.path = make_url(self.url).database
             self.write_engine = create_engine(self.url, pool_size=pool_size, max_overflow=32,
                                               **_ENGINE_OPTIONS)
-            _configure_sqlite(self.write_engine, sync, "BEGIN IMMEDIATE", writes=True)
+            _configure_sqlite(self.write_engine, sync, "BEGIN IMMEDIATE")
             self.read_engine = create_engine(self.url, pool_size=pool_size, max_overflow=64,
                                              **_ENGINE_OPTIONS)
-            _configure_sqlite(self.read_engine, sync, "BEGIN", writes=False)
+            _configure_sqlite(self.read_engine, sync, "BEGIN")
         else:
             self.path = None
             self.write_engine = create_engine(self.url, pool_size=pool_size, max_overflow=64,

@@ -30,13 +30,21 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from chatserver.errors import ChatError, ShuttingDown, StorageUnavailable
-from chatserver.storage.database import storage_errors, try_begin_now, wait_for_locks
+from chatserver.storage.database import (
+    journal_in_memory,
+    storage_errors,
+    try_begin_now,
+    wait_for_locks,
+)
 from chatserver.storage.repository import Repository, WriteCache
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024  # jobs per transaction; bounds the time a commit holds the write lock
+# Pages a transaction's sub-journal may keep in memory (16 MiB of 4 KiB pages); see
+# ``_small_journal``.
+MEMORY_JOURNAL_PAGES = 4096
 _STOP = object()
 
 
@@ -64,6 +72,8 @@ class GroupCommitWriter:
         # an inline commit. Switched only when the other kind of commit comes, so that a
         # run of inline commits pays no statement for it.
         self._conn_waits = True
+        # Whether _conn's transactions keep their sub-journal in memory (``_small_journal``).
+        self._conn_memory_journal = False
         self._thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
         self._thread.start()
 
@@ -150,7 +160,7 @@ class GroupCommitWriter:
         if not self._inline_capable:
             return False
         try:
-            conn = self._connection(waits=False)
+            conn = self._connection(waits=False, memory_journal=_small_journal([item]))
             if not try_begin_now(conn):
                 return False
         except Exception:  # let the writer thread meet (and report) the failure
@@ -158,22 +168,30 @@ class GroupCommitWriter:
         self._execute([item], begun=True)
         return True
 
-    def _connection(self, *, waits: bool):
-        """The writer's connection (opened if need be), waiting for other processes' locks
-        or not (SQLite; see ``wait_for_locks``)."""
+    def _connection(self, *, waits: bool, memory_journal: bool):
+        """The writer's connection (opened if need be), set up for the next transaction:
+        waiting for other processes' locks or not (``wait_for_locks``), its sub-journal in
+        memory or not (``journal_in_memory``). SQLite only; each setting costs a statement
+        only when it changes."""
         if self._conn is None:
             self._conn = self._engine.connect()
             self._conn_waits = True
-        if self._inline_capable and self._conn_waits != waits:
-            wait_for_locks(self._conn, waits)
-            self._conn_waits = waits
+            self._conn_memory_journal = False
+        if self._inline_capable:
+            if self._conn_waits != waits:
+                wait_for_locks(self._conn, waits)
+                self._conn_waits = waits
+            if self._conn_memory_journal != memory_journal:
+                journal_in_memory(self._conn, memory_journal)
+                self._conn_memory_journal = memory_journal
         return self._conn
 
     def _execute(self, batch, *, begun: bool = False) -> None:
         """Commit a batch and resolve its jobs (with ``_db_lock`` held); ``begun``: its
         transaction is already open (an inline commit)."""
         try:
-            conn = self._conn if begun else self._connection(waits=True)
+            conn = self._conn if begun else self._connection(
+                waits=True, memory_journal=_small_journal(batch))
             self._commit_batch(conn, batch)
         except Exception as exc:  # the database failed: every job of the batch is refused
             log.error("write batch of %d failed: %s", len(batch), exc)
@@ -186,16 +204,19 @@ class GroupCommitWriter:
             self._close_connection(broken=True)
 
     def _close_connection(self, *, broken: bool) -> None:
-        """Give the connection back to the pool as every connection is (waiting for locks),
-        or discard it: a broken one, or one whose busy timeout could not be put back (whoever
-        took it next would fail where they should wait)."""
+        """Give the connection back to the pool set up as every connection is (waiting for
+        locks, temporary files on disk), or discard it: a broken one, or one whose settings
+        could not be put back (whoever took it next would fail where they should wait)."""
         conn, self._conn = self._conn, None
         if conn is None:
             return
         try:
-            if not broken and not self._conn_waits:
+            if not broken:
                 try:
-                    wait_for_locks(conn, True)
+                    if not self._conn_waits:
+                        wait_for_locks(conn, True)
+                    if self._conn_memory_journal:
+                        journal_in_memory(conn, False)
                 except Exception:  # noqa: BLE001 - then it must not be reused
                     broken = True
             if broken:
@@ -306,6 +327,22 @@ def _groups(batch):
         group_kind = kind
     if group:
         yield group
+
+
+def _small_journal(batch) -> bool:
+    """Whether a batch's sub-journal may stay in memory: every job says about how many
+    existing pages it changes (``journal_pages``: sends do; a deletion, whose pages grow
+    with the data it removes, does not) and together they stay under MEMORY_JOURNAL_PAGES.
+
+    In a file, past 64 KiB, the sub-journal of a batch of sends cost an open, ~80 writes
+    and an unlink per commit, a third of the time it took to store the batch."""
+    pages = 0
+    for job, _completion in batch:
+        bound = getattr(job, "journal_pages", None)
+        if bound is None:
+            return False
+        pages += bound
+    return pages <= MEMORY_JOURNAL_PAGES
 
 
 def _atomic(run) -> tuple[bool, Any]:

@@ -149,3 +149,25 @@ def test_lone_sends_and_chunks_in_one_commit_are_stored_together_in_order(
     page, _ = service.fetch(bob, 100)
     assert [m.body for m in page] == ["lone 1", "chunk 1a", "lone 2", "chunk 2a", "chunk 2b"]
     assert [m.sender for m in page] == ["Alice", "Alice", "Carol", "Carol", "Carol"]
+
+
+def test_sends_keep_their_sub_journal_in_memory(service, alice, bob, monkeypatch):
+    """Lone and pipelined sends alike: their transactions keep SQLite's sub-journal in
+    memory (a temp file per commit otherwise; see writer._small_journal)."""
+    seen = []
+    store = Repository.store_messages
+
+    def spy(self, batch, cap=0):
+        seen.append(self.conn.exec_driver_sql("PRAGMA temp_store").scalar())
+        return store(self, batch, cap)
+
+    monkeypatch.setattr(Repository, "store_messages", spy)
+    lone = Answers()
+    service.submit_send(alice, "Bob", "lone", "", inline_if_idle=True,
+                        on_done=lambda outcome, error: lone([0], [outcome], error))
+    lone.wait(1)
+    answers = Answers()
+    service.submit_sends(alice, [("Bob", f"m{i}", f"c{i}") for i in range(5)], on_done=answers)
+    answers.wait(5)
+    assert seen == [2, 2]
+    assert bodies(service, bob) == ["lone", "m0", "m1", "m2", "m3", "m4"]

@@ -223,11 +223,28 @@ def open_temp_files() -> list[str]:
     return found
 
 
+class Bounded:
+    """A job that says how many existing pages it changes, as a send does."""
+
+    def __init__(self, run, journal_pages: int = 2):
+        self.run = run
+        self.journal_pages = journal_pages
+
+    def __call__(self, repo):
+        return self.run(repo)
+
+
+def temp_store(repo) -> int:
+    return repo.conn.exec_driver_sql("PRAGMA temp_store").scalar()  # 0 default, 2 memory
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
-def test_a_big_write_keeps_its_sub_journal_in_memory(db, writer):
+@pytest.mark.parametrize("bounded", [True, False], ids=["bounded", "unbounded"])
+def test_only_a_bounded_batch_keeps_its_sub_journal_in_memory(db, writer, bounded):
     """A savepoint (and a multi-row statement) keeps the original of every page it changes,
-    to undo it; past 64 KiB SQLite would write that sub-journal to a temp file, and a batch
-    of sends went past it on every commit. The writer's connection keeps it in memory."""
+    to undo it; past 64 KiB SQLite writes that sub-journal to a temp file. A batch of jobs
+    that bound the pages they change (sends) keeps it in memory; any other job (deleting an
+    account's queue of 64 KiB messages, say) keeps it in a file, whatever its size."""
     sender = writer.run(lambda repo: repo.add_account("Sender", "sender", "h", 1))
     reader = writer.run(lambda repo: repo.add_account("Reader", "reader", "h", 1))
     batch = [NewMessage(sender, "reader", "Reader", "x" * 1000, 1, f"m{i}") for i in range(300)]
@@ -236,13 +253,31 @@ def test_a_big_write_keeps_its_sub_journal_in_memory(db, writer):
     def delete_then_look(repo):
         # ~75 pages that existed before the savepoint change: ~300 KiB to journal.
         deleted = repo.delete_messages(reader.id, ids)
-        # A sub-journal file, had there been one, stays open until the transaction ends.
-        return deleted, open_temp_files()
+        # A sub-journal file stays open until the transaction ends.
+        return deleted, open_temp_files(), temp_store(repo)
 
-    deleted, temp_files = writer.run(delete_then_look)
-    assert temp_files == []
+    job = Bounded(delete_then_look) if bounded else delete_then_look
+    deleted, temp_files, setting = writer.run(job)
     assert deleted == 300
     assert raw(db, "SELECT count(*) FROM messages") == [(0,)]
+    if bounded:
+        assert (temp_files, setting) == ([], 2)
+    else:
+        assert len(temp_files) == 1 and setting == 0
+
+
+def test_a_batch_over_the_bound_keeps_its_sub_journal_in_a_file(writer):
+    from chatserver.storage.writer import MEMORY_JOURNAL_PAGES
+
+    assert writer.run(Bounded(temp_store, MEMORY_JOURNAL_PAGES)) == 2
+    assert writer.run(Bounded(temp_store, MEMORY_JOURNAL_PAGES + 1)) == 0
+    gate, _ = hold(writer)  # two bounded jobs in one batch: their pages add up
+    try:
+        halves = [writer.submit(Bounded(temp_store, MEMORY_JOURNAL_PAGES // 2 + 1))
+                  for _ in range(2)]
+    finally:
+        gate.open()
+    assert [f.result(WAIT) for f in halves] == [0, 0]
 
 
 # -- concurrency ----------------------------------------------------------------------------

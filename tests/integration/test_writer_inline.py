@@ -150,19 +150,34 @@ def test_after_inline_commits_the_writer_thread_still_waits_for_locks(db, writer
     assert committed_names(db) == ["gina", "hank"]
 
 
-def test_the_writer_connection_goes_back_to_the_pool_waiting_for_locks(db):
-    """Its busy timeout changes; a unit of work that took it from the pool afterwards must
-    not fail at once where it should wait for another process's lock."""
+class Bounded:
+    """A job that says how many existing pages it changes, as a send does."""
+
+    journal_pages = 2
+
+    def __init__(self, run):
+        self.run = run
+
+    def __call__(self, repo):
+        return self.run(repo)
+
+
+def test_the_writer_connection_goes_back_to_the_pool_as_it_came(db):
+    """Its busy timeout and temp store change; a unit of work that took it from the pool
+    afterwards must not fail at once where it should wait for another process's lock, nor
+    keep a big deletion's sub-journal in memory."""
     w = GroupCommitWriter(db.write_engine)
-    w.submit_callback(add("ivan"), lambda r, e: None, inline_if_idle=True)  # timeout now 0
+    inline_send = Bounded(add("ivan"))  # a send's job: sub-journal in memory, timeout 0
+    w.submit_callback(inline_send, lambda r, e: None, inline_if_idle=True)
     w.close()
     pooled = db.write_engine.pool.checkedin()
     assert pooled >= 1  # the writer's, among them
     conns = [db.write_engine.raw_connection() for _ in range(pooled)]
     try:
-        timeouts = [c.driver_connection.execute("PRAGMA busy_timeout").fetchone()[0]
+        settings = [(c.driver_connection.execute("PRAGMA busy_timeout").fetchone()[0],
+                     c.driver_connection.execute("PRAGMA temp_store").fetchone()[0])
                     for c in conns]
-        assert timeouts == [BUSY_TIMEOUT_MS] * pooled
+        assert settings == [(BUSY_TIMEOUT_MS, 0)] * pooled
     finally:
         for c in conns:
             c.close()
