@@ -308,13 +308,18 @@ def backup(db: Database, dest: str, *, step_pages: int = BACKUP_STEP_PAGES,
             raise AdminError(f"the copy failed its integrity check ({result}); {dest} not written")
         os.replace(partial, dest)
     except BaseException:
-        for leftover in (partial, partial + "-journal", partial + "-wal", partial + "-shm"):
-            try:
-                os.remove(leftover)
-            except FileNotFoundError:
-                pass
+        _remove_with_journals(partial)
         raise
     return BackupResult(dest, pages, os.path.getsize(dest))
+
+
+def _remove_with_journals(path: str) -> None:
+    """Delete a half-made SQLite file and whatever journal files it has."""
+    for leftover in (path, path + "-journal", path + "-wal", path + "-shm"):
+        try:
+            os.remove(leftover)
+        except FileNotFoundError:
+            pass
 
 
 def _copy(source_path: str, dest_path: str, step_pages: int, progress: Progress | None) -> int:
@@ -397,11 +402,7 @@ def restore(backup_path: str, db_path: str, *, step_pages: int = BACKUP_STEP_PAG
             for suffix in ("", "-wal", "-shm", "-journal"):
                 if os.path.exists(set_aside + suffix) and not os.path.exists(db_path + suffix):
                     os.rename(set_aside + suffix, db_path + suffix)
-        for leftover in (partial, partial + "-journal", partial + "-wal", partial + "-shm"):
-            try:
-                os.remove(leftover)
-            except FileNotFoundError:
-                pass
+        _remove_with_journals(partial)
         raise
     return RestoreResult(db_path, set_aside, next_ids, gap)
 
