@@ -47,7 +47,7 @@ class _SendJob:
 
     bulk_is_atomic = True  # store_messages stores all of a batch or nothing: no savepoint
     bulk_group = "send"  # stored together with the _SendBatch jobs around it
-    # Existing pages a send changes at most: its receipt's and a share of the message
+    # About how many existing pages a send changes: its receipt's and a share of the message
     # table's and its index's (the row itself goes on new pages); for the writer's
     # sub-journal (``writer._small_journal``).
     journal_pages = 2

@@ -178,13 +178,17 @@ class GroupCommitWriter:
             self._conn_waits = True
             self._conn_memory_journal = False
         if self._inline_capable:
-            if self._conn_waits != waits:
-                wait_for_locks(self._conn, waits)
-                self._conn_waits = waits
-            if self._conn_memory_journal != memory_journal:
-                journal_in_memory(self._conn, memory_journal)
-                self._conn_memory_journal = memory_journal
+            self._set_up(self._conn, waits=waits, memory_journal=memory_journal)
         return self._conn
+
+    def _set_up(self, conn, *, waits: bool, memory_journal: bool) -> None:
+        """Change the connection's settings that differ (SQLite); a statement per change."""
+        if self._conn_waits != waits:
+            wait_for_locks(conn, waits)
+            self._conn_waits = waits
+        if self._conn_memory_journal != memory_journal:
+            journal_in_memory(conn, memory_journal)
+            self._conn_memory_journal = memory_journal
 
     def _execute(self, batch, *, begun: bool = False) -> None:
         """Commit a batch and resolve its jobs (with ``_db_lock`` held); ``begun``: its
@@ -212,11 +216,8 @@ class GroupCommitWriter:
             return
         try:
             if not broken:
-                try:
-                    if not self._conn_waits:
-                        wait_for_locks(conn, True)
-                    if self._conn_memory_journal:
-                        journal_in_memory(conn, False)
+                try:  # every connection's defaults
+                    self._set_up(conn, waits=True, memory_journal=False)
                 except Exception:  # noqa: BLE001 - then it must not be reused
                     broken = True
             if broken:
