@@ -14,18 +14,37 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily
 
 
-class FastCounter:
+class _ComputedCounter:
+    """A counter whose value is computed at scrape time (a custom collector)."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry):
+        self.name = name
+        self.documentation = documentation
+        registry.register(self)
+
+    @property
+    def value(self) -> float:
+        raise NotImplementedError
+
+    def collect(self):
+        family = CounterMetricFamily(self.name.removesuffix("_total"), self.documentation)
+        family.add_metric([], self.value)
+        yield family
+
+    def describe(self):
+        return [CounterMetricFamily(self.name.removesuffix("_total"), self.documentation)]
+
+
+class FastCounter(_ComputedCounter):
     """A counter for the per-message hot path: each thread adds to a cell of its own (no
     lock per increment), and a scrape sums the cells. prometheus_client's Counter takes a
     lock and checks its state on every ``inc``: microseconds that add up per message."""
 
     def __init__(self, name: str, documentation: str, registry: CollectorRegistry):
-        self.name = name
-        self.documentation = documentation
         self._cells: list[list[int]] = []
         self._local = threading.local()
         self._lock = threading.Lock()
-        registry.register(self)
+        super().__init__(name, documentation, registry)
 
     def inc(self, amount: int = 1) -> None:
         try:
@@ -41,13 +60,18 @@ class FastCounter:
         with self._lock:
             return sum(cell[0] for cell in self._cells)
 
-    def collect(self):
-        family = CounterMetricFamily(self.name.removesuffix("_total"), self.documentation)
-        family.add_metric([], self.value)
-        yield family
 
-    def describe(self):
-        return [CounterMetricFamily(self.name.removesuffix("_total"), self.documentation)]
+class CallbackCounter(_ComputedCounter):
+    """A counter kept by someone else (a running total), read through ``read()``."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry,
+                 read: Callable[[], float]):
+        self._read = read
+        super().__init__(name, documentation, registry)
+
+    @property
+    def value(self) -> float:
+        return self._read()
 
 
 class Metrics:
@@ -83,6 +107,12 @@ class Metrics:
     def observe_commit(self, jobs: int, seconds: float) -> None:
         self.commit_seconds.observe(seconds)
         self.commit_batch.observe(jobs)
+
+    def track_polling(self, seconds: Callable[[], float]) -> None:
+        """Expose the I/O loop's total time spent polling for events (see eventloop.py)."""
+        CallbackCounter("chat_loop_polling_seconds_total",
+                        "Time the I/O loop spent polling for the next request instead of "
+                        "sleeping.", self.registry, seconds)
 
     def track_undelivered(self, count: Callable[[], int], max_age: float = 5.0) -> None:
         """Compute the undelivered gauge at scrape time, at most once per ``max_age`` seconds."""

@@ -117,6 +117,7 @@ class ServerConfig:
     login_free_failures: int = 5  # per account name and per address; -1 disables
     login_max_lockout: float = 300.0  # seconds; lockouts double from 1 s up to this
     registrations_per_hour: int = 30  # per client address (also the burst); 0 disables
+    busy_poll_us: int = 100  # longest poll before the I/O loop sleeps (eventloop.py); 0: none
     server_name: str = "chat/0.1"
 
 
@@ -876,7 +877,11 @@ class ChatServer:
         self.register_limiter = RateLimiter(config.registrations_per_hour / 3600.0,
                                             max(1, config.registrations_per_hour), clock=clock)
         self.registry = SessionRegistry()
-        self.loop = EventLoop()
+        # The loop polls only while the writer is idle: the writer thread needs the GIL
+        # that polling holds between its system calls.
+        self.loop = EventLoop(busy_poll=config.busy_poll_us / 1e6,
+                              may_poll=lambda: service.writer.idle)
+        self.metrics.track_polling(lambda: self.loop.polled_seconds)
         self.workers = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="worker")
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)

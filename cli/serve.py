@@ -65,6 +65,11 @@ def tune_garbage_collector() -> None:
 @click.option("--registrations-per-hour", type=click.IntRange(0), default=30, show_default=True,
               show_envvar=True, help="Accounts one client address may register per hour. 0: no "
                                      "limit.")
+@click.option("--busy-poll-us", type=click.IntRange(0, 10_000), default=100, show_default=True,
+              show_envvar=True,
+              help="Longest time, in microseconds, the I/O loop polls for the next request "
+                   "before it sleeps; polling adapts, so it happens only while clients answer "
+                   "that fast (saves a wake-up per request). 0: never poll.")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
               show_envvar=True, help="Serve TLS (1.2 or later) with this certificate chain (PEM).")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -83,7 +88,7 @@ def tune_garbage_collector() -> None:
               show_default=True, show_envvar=True, help="Log lines as text or one JSON object each.")
 def serve(db, host, port, sync, max_connections, heartbeat_interval, max_message_bytes,
           max_queued_per_account, send_rate, send_burst, login_free_failures, login_max_lockout,
-          registrations_per_hour, tls_cert, tls_key, no_migrate, argon2_time_cost, argon2_memory_kib, metrics_port, log_level,
+          registrations_per_hour, busy_poll_us, tls_cert, tls_key, no_migrate, argon2_time_cost, argon2_memory_kib, metrics_port, log_level,
           log_format) -> None:
     """Run the chat server on a database (created and migrated as needed).
 
@@ -102,7 +107,8 @@ def serve(db, host, port, sync, max_connections, heartbeat_interval, max_message
                           send_rate=send_rate, send_burst=send_burst,
                           login_free_failures=login_free_failures,
                           login_max_lockout=login_max_lockout,
-                          registrations_per_hour=registrations_per_hour)
+                          registrations_per_hour=registrations_per_hour,
+                          busy_poll_us=busy_poll_us)
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
     ssl_context = None

@@ -117,6 +117,11 @@ class GroupCommitWriter:
             else:  # another process holds the write lock: the writer thread waits for it
                 self._queue.put(item)
 
+    @property
+    def idle(self) -> bool:
+        """Whether no job is queued or being written (a hint: read without the lock)."""
+        return self._in_flight == 0
+
     def run(self, job: Callable[[Repository], T]) -> T:
         """Submit a job and wait for its committed result (or its exception)."""
         return self.submit(job).result()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 
@@ -102,6 +103,21 @@ def test_future_is_not_resolved_before_its_batch_commits(db, batches):
     assert blocker.result(WAIT) == "gate"
     assert raw(db, "SELECT id, name FROM accounts") == [(alice_id, "Alice")]
     assert sizes == [1, 2]
+
+
+def test_idle_says_whether_a_job_is_queued_or_being_written(writer):
+    """The server's loop polls for requests only while this says so (eventloop.py)."""
+    assert writer.idle
+    gate, future = hold(writer)
+    queued = writer.submit(add("Alice"))
+    assert not writer.idle
+    gate.open()
+    assert future.result(WAIT) == "gate"
+    queued.result(WAIT)
+    deadline = time.monotonic() + WAIT  # the count drops just after the futures resolve
+    while not writer.idle and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert writer.idle
 
 
 # -- one refused job does not undo the others -----------------------------------------------

@@ -128,3 +128,18 @@ def test_metrics_count_pipelined_sends(metered):
     assert samples["chat_messages_stored_total"] == 4
     assert samples["chat_messages_pushed_total"] == 1
     assert samples['chat_messages_rejected_total{reason="no_such_account"}'] == 1
+
+
+@pytest.mark.parametrize(("busy_poll_us", "polls"), [("10000", True), ("0", False)])
+def test_busy_polling_shows_in_the_metrics_and_can_be_turned_off(server_factory, busy_poll_us,
+                                                                   polls):
+    """A client waiting for each reply answers well within 10 ms, so the loop polls for its
+    next request (the adaptive window grows after a few waits); ``--busy-poll-us 0`` never
+    polls. Either way every send is answered."""
+    server = server_factory(extra_args=["--metrics-port", "0", "--busy-poll-us", busy_poll_us])
+    alice = server.client()
+    alice.register("alice", PASSWORD)
+    ids = [alice.send("alice", f"m{i}").message_id for i in range(30)]
+    assert len(set(ids)) == 30
+    polled = scrape(metrics_url(server))["chat_loop_polling_seconds_total"]
+    assert (polled > 0) is polls

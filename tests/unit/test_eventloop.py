@@ -1,5 +1,6 @@
 """EventLoop: socket readiness callbacks, call_soon from any thread, timers, stop, and
-callbacks that raise.
+callbacks that raise; each with a loop that sleeps at once and one that polls first.
+Then the busy polling itself: its adaptive window, and what turns it off.
 
 The loop runs on a thread of its own, as in the server; what must happen on the loop's
 thread (register, modify, unregister, call_later) is posted to it with ``on_loop``. Every
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from chatserver.eventloop import READ, WRITE, EventLoop
+from chatserver.eventloop import READ, WRITE, EventLoop, PollWindow
 
 WAIT = 10  # seconds; a bound on hangs, never an assertion about speed
 
@@ -23,8 +24,8 @@ WAIT = 10  # seconds; a bound on hangs, never an assertion about speed
 class RunningLoop:
     """An EventLoop whose ``run()`` is going on a thread of its own."""
 
-    def __init__(self) -> None:
-        self.loop = EventLoop()
+    def __init__(self, **options) -> None:
+        self.loop = EventLoop(**options)
         self.thread = threading.Thread(target=self.loop.run, name="test-loop", daemon=True)
         self.thread.start()
 
@@ -58,9 +59,13 @@ class RunningLoop:
         assert not self.thread.is_alive(), "run() did not return after stop()"
 
 
-@pytest.fixture
-def running() -> Iterator[RunningLoop]:
-    running = RunningLoop()
+# A window of a whole second: once grown, nearly every wait of these tests is a poll.
+LOOP_KINDS = {"sleeping": {}, "polling": {"busy_poll": 1.0}}
+
+
+@pytest.fixture(params=sorted(LOOP_KINDS))
+def running(request) -> Iterator[RunningLoop]:
+    running = RunningLoop(**LOOP_KINDS[request.param])
     try:
         yield running
     finally:
@@ -461,3 +466,77 @@ def test_a_raising_callback_is_logged_and_the_loop_goes_on(running, pair, caplog
     assert all("error in the I/O loop" in r.getMessage() for r in messages)
     logged = {str(r.exc_info[1]) for r in messages}
     assert {"boom from call_soon", "boom from timer", "boom from socket"} <= logged
+
+
+# -- busy polling -------------------------------------------------------------------------
+
+def test_poll_window_grows_while_waits_are_short_and_shrinks_to_none_when_long():
+    window = PollWindow(0.0008)
+    assert window.current == 0  # a new loop sleeps at once
+    grown = []
+    for _ in range(5):  # each wait longer than the window, up to the maximum
+        window.observe(min(window.current + 0.00001, 0.0008))
+        grown.append(window.current)
+    assert grown == pytest.approx([0.0001, 0.0002, 0.0004, 0.0008, 0.0008])
+    window.observe(0.0003)  # polling paid off: kept
+    assert window.current == pytest.approx(0.0008)
+    shrunk = []
+    for _ in range(4):  # each wait longer than the maximum
+        window.observe(0.5)
+        shrunk.append(window.current)
+    assert shrunk == pytest.approx([0.0004, 0.0002, 0.0001, 0.0])
+
+
+def _echo_rounds(running: RunningLoop, pair, rounds: int) -> list[bytes]:
+    """The loop echoes what it reads; the test sends the next byte as soon as the echo of
+    the last one is back (a client waiting for each reply). Returns the echoes."""
+    ours, theirs = pair
+
+    def echo(_mask: int) -> None:
+        ours.sendall(ours.recv(4096))
+
+    running.on_loop(lambda: running.loop.register(ours, READ, echo))
+    echoes = []
+    theirs.settimeout(WAIT)
+    for index in range(rounds):
+        theirs.sendall(bytes([index]))
+        echoes.append(theirs.recv(1))
+    running.on_loop(lambda: running.loop.unregister(ours))
+    return echoes
+
+
+def test_a_loop_polls_for_a_peer_that_answers_within_the_window(pair):
+    running = RunningLoop(busy_poll=1.0)
+    try:
+        assert _echo_rounds(running, pair, 20) == [bytes([i]) for i in range(20)]
+        assert running.loop.polled_seconds > 0
+    finally:
+        running.stop()
+        running.loop.close()
+
+
+def test_a_loop_does_not_poll_while_may_poll_says_no(pair):
+    asked = []
+
+    def may_poll() -> bool:
+        asked.append(True)
+        return False
+
+    running = RunningLoop(busy_poll=1.0, may_poll=may_poll)
+    try:
+        assert _echo_rounds(running, pair, 20) == [bytes([i]) for i in range(20)]
+        assert asked  # the window grew, so the loop asked, and slept instead
+        assert running.loop.polled_seconds == 0
+    finally:
+        running.stop()
+        running.loop.close()
+
+
+def test_a_loop_without_busy_poll_never_polls(pair):
+    running = RunningLoop()
+    try:
+        assert _echo_rounds(running, pair, 20) == [bytes([i]) for i in range(20)]
+        assert running.loop.polled_seconds == 0
+    finally:
+        running.stop()
+        running.loop.close()
