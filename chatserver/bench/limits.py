@@ -149,7 +149,7 @@ def sqlite_limits(sync: str, seconds: float = 2.0, directory: str | None = None)
             conn.close()
 
 
-def _echo_server(ready, port_value) -> None:
+def _echo_server(ready, port_value, poll: bool) -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", 0))
@@ -158,20 +158,30 @@ def _echo_server(ready, port_value) -> None:
     ready.set()
     conn, _ = listener.accept()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.setblocking(not poll)
     with conn:
         while True:
-            data = conn.recv(65536)
+            try:
+                data = conn.recv(65536)
+            except BlockingIOError:  # polling: try again at once, never sleep
+                continue
             if not data:
                 return
             conn.sendall(data)
 
 
-def loopback_limit(seconds: float = 2.0, size: int = 64) -> dict:
-    """Round trips per second of ``size`` bytes to a Python echo server in another process."""
+LOOPBACK = "loopback round trip"
+LOOPBACK_POLLING = "loopback round trip (server polling)"
+
+
+def loopback_limit(seconds: float = 2.0, size: int = 64, *, poll: bool = False) -> dict:
+    """Round trips per second of ``size`` bytes to a Python echo server in another process
+    that sleeps in ``recv`` between requests or, with ``poll``, polls for them (as the chat
+    server's loop does while its clients answer quickly: no wake-up on its side)."""
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
     port = ctx.Value("i", 0)
-    proc = ctx.Process(target=_echo_server, args=(ready, port), daemon=True)
+    proc = ctx.Process(target=_echo_server, args=(ready, port, poll), daemon=True)
     proc.start()
     try:
         if not ready.wait(30):
@@ -198,7 +208,7 @@ def loopback_limit(seconds: float = 2.0, size: int = 64) -> dict:
                 hist.record(done - t)
                 t = done
                 ops += 1
-        return _result("loopback round trip", ops, (t - start) / 1e9, hist, "round trips",
+        return _result(LOOPBACK_POLLING if poll else LOOPBACK, ops, (t - start) / 1e9, hist, "round trips",
                        others)
     finally:
         proc.join(5)
@@ -208,7 +218,7 @@ def loopback_limit(seconds: float = 2.0, size: int = 64) -> dict:
 
 
 def measure_limits(syncs: list[str], seconds: float = 2.0, progress=None) -> list[dict]:
-    """All the limits: SQLite at each sync level, then loopback."""
+    """All the limits: SQLite at each sync level, then loopback (sleeping, then polling)."""
     results = []
     for sync in syncs:
         if progress:
@@ -217,4 +227,5 @@ def measure_limits(syncs: list[str], seconds: float = 2.0, progress=None) -> lis
     if progress:
         progress("limits: loopback round trip")
     results.append(loopback_limit(seconds))
+    results.append(loopback_limit(seconds, poll=True))
     return results

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from chatserver.bench.histogram import Histogram
-from chatserver.bench.report import HEADER
+from chatserver.bench.report import HEADER, limit_value
 from chatserver.bench.workloads import account_names, count_label, spread_names
 from chatserver_cli.main import cli
 from tests.conftest import chat_command
@@ -54,7 +54,8 @@ def test_json_output_has_every_row_and_limit():
     assert by_name["search-prefix"]["accounts"] == 1000
     # --limits: the machine's ceilings, and a ratio for the rows that have one.
     limit_names = {entry["name"] for entry in doc["limits"]}
-    assert {"sqlite commit (full)", "sqlite commit (normal)", "loopback round trip"} <= limit_names
+    assert {"sqlite commit (full)", "sqlite commit (normal)", "loopback round trip",
+            "loopback round trip (server polling)"} <= limit_names
     assert all(entry["rate"] > 0 for entry in doc["limits"])
     assert by_name["sends-1"]["ratio_to_limit"] > 0
     assert by_name["drain"]["ratio_to_limit"] > 0
@@ -178,3 +179,15 @@ def test_median_rows_compares_the_accounts_rows_it_chose():
     few, many = median_rows([round_of(1000, 800), round_of(1100, 950), round_of(1200, 860)])
     assert many.extra["throughput_ratio"] == 0.782 and many.extra["target_met"] is False
     assert any(n.endswith("NOT met") for n in many.notes)
+
+
+def test_the_sends_1_ceiling_takes_the_faster_loopback_round_trip():
+    """The server polls for a waiting client's next request, so a polling echo server's round
+    trip is its ceiling when that is the faster one (and the sleeping one's otherwise)."""
+    limits = [{"name": "sqlite commit (normal)", "rate": 40_000.0},
+              {"name": "loopback round trip", "rate": 20_000.0},
+              {"name": "loopback round trip (server polling)", "rate": 40_000.0}]
+    assert limit_value("sends-1", limits, "normal") == pytest.approx(20_000.0)
+    limits[2]["rate"] = 10_000.0
+    assert limit_value("sends-1", limits, "normal") == pytest.approx(1 / (1 / 40_000 + 1 / 20_000))
+    assert limit_value("sends-1", limits[:2], "normal") == pytest.approx(1 / (1 / 40_000 + 1 / 20_000))
