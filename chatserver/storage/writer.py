@@ -115,7 +115,18 @@ class GroupCommitWriter:
                 with self._lock:
                     self._in_flight -= 1
             else:  # another process holds the write lock: the writer thread waits for it
+                self._requeue(item)
+
+    def _requeue(self, item) -> None:
+        """Queue an inline job that could not begin. If ``close()`` came meanwhile, its stop
+        mark is queued already and the thread would never run the job: refuse it instead,
+        as every submit after ``close()`` is (its callback is told)."""
+        with self._lock:
+            if not self._closed:
                 self._queue.put(item)
+                return
+            self._in_flight -= 1
+        item[1].set_exception(ShuttingDown("the server is shutting down"))
 
     @property
     def idle(self) -> bool:

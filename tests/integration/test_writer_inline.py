@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from chatserver.storage.database import BUSY_TIMEOUT_MS
+from chatserver.errors import ShuttingDown
 from chatserver.storage.writer import GroupCommitWriter
 
 WAIT = 30  # seconds; only a bound on hangs, never an assertion about speed
@@ -130,6 +131,44 @@ def test_write_lock_held_by_another_process_sends_the_job_to_the_writer_thread(d
         assert seen["again"] == threading.get_ident()
     finally:
         other.close()
+
+
+def test_close_while_an_inline_job_finds_the_lock_taken_refuses_it_and_says_so(db, writer):
+    """close() may come between an inline job's failed BEGIN (another process holds the
+    write lock) and its hand-over to the writer thread. The stop mark is then queued ahead
+    of the job, so the thread would exit without it: the job is refused with ShuttingDown,
+    and its callback still runs (a send's client gets an error, not silence)."""
+    other = sqlite3.connect(db.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try_inline = writer._execute_inline
+    closer = threading.Thread(target=writer.close)
+
+    def fail_then_close(item):
+        began = try_inline(item)  # really fails: the lock is taken
+        closer.start()
+        while not writer._closed:  # until close() has queued its stop mark
+            closer.join(0.001)
+        return began
+
+    writer._execute_inline = fail_then_close
+    finished = threading.Event()
+    seen = {}
+
+    def done(result, error):
+        seen.update(result=result, error=error)
+        finished.set()
+
+    try:
+        writer.submit_callback(add("gina"), done, inline_if_idle=True)
+        closer.join(WAIT)
+        assert not closer.is_alive()
+        assert finished.wait(WAIT), "the job's callback never ran"
+        assert isinstance(seen["error"], ShuttingDown)
+        assert writer.idle
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert committed_names(db) == []
 
 
 def busy_timeout(conn) -> int:
