@@ -69,7 +69,8 @@ def tune_garbage_collector() -> None:
               show_envvar=True,
               help="Longest time, in microseconds, the I/O loop polls for the next request "
                    "before it sleeps; polling adapts, so it happens only while clients answer "
-                   "that fast (saves a wake-up per request). 0: never poll.")
+                   "that fast (saves a wake-up per request). 0: never poll (for a server "
+                   "sharing its cores with other busy processes).")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
               show_envvar=True, help="Serve TLS (1.2 or later) with this certificate chain (PEM).")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,

@@ -399,9 +399,11 @@ def test_cancelling_the_only_timer_leaves_the_loop_serving(running):
 
 # -- stop ---------------------------------------------------------------------------------
 
-def test_stop_from_another_thread_makes_run_return():
-    """stop() from another thread ends run() even while the loop waits with nothing to do."""
-    loop = EventLoop()
+@pytest.mark.parametrize("busy_poll", [0.0, 1000.0], ids=["sleeping", "polling"])
+def test_stop_from_another_thread_makes_run_return(busy_poll):
+    """stop() from another thread ends run() even while the loop waits with nothing to do:
+    sleeping, or polling in a window (125 s once grown) far longer than the test waits."""
+    loop = EventLoop(busy_poll=busy_poll)
     started = threading.Event()
     returned = threading.Event()
 
@@ -414,6 +416,11 @@ def test_stop_from_another_thread_makes_run_return():
     thread.start()
     try:
         assert started.wait(WAIT)
+        for _ in range(3):  # short waits: a polling loop's window grows
+            posted = threading.Event()
+            loop.call_soon(posted.set)
+            assert posted.wait(WAIT)
+        assert (loop._poll is not None and loop._poll.current >= 125) is (busy_poll > 0)
         assert not returned.is_set()
         loop.stop()
         assert returned.wait(WAIT), "run() did not return after stop()"
@@ -537,6 +544,21 @@ def test_a_loop_without_busy_poll_never_polls(pair):
     try:
         assert _echo_rounds(running, pair, 20) == [bytes([i]) for i in range(20)]
         assert running.loop.polled_seconds == 0
+    finally:
+        running.stop()
+        running.loop.close()
+
+
+def test_a_timer_due_within_the_poll_window_fires_without_waiting_for_the_window(pair):
+    """A window far longer than any wait here (125 s once grown): a timer due in 10 ms must
+    end the poll at its time, not at the window's end."""
+    running = RunningLoop(busy_poll=1000.0)
+    try:
+        _echo_rounds(running, pair, 3)  # short waits: the window has grown
+        assert running.loop._poll.current >= 125
+        fired = threading.Event()
+        running.on_loop(lambda: running.loop.call_later(0.01, fired.set))
+        assert fired.wait(WAIT), "the timer waited for the poll window"
     finally:
         running.stop()
         running.loop.close()
