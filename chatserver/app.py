@@ -10,7 +10,7 @@ from chatserver.errors import ChatError
 from chatserver.limits import RateLimiter
 from chatserver.metrics import Metrics, serve_metrics
 from chatserver.passwords import HashParameters, PasswordHasher
-from chatserver.server import ChatServer, ServerConfig
+from chatserver.server import ChatServer, ListenError, ServerConfig
 from chatserver.service import ChatService
 from chatserver.sessions import corked
 from chatserver.storage.announce import Announcer, Listener, channel_for, new_origin
@@ -66,7 +66,10 @@ class ChatApp:
                                 "messages reach sessions here by fetch until then")
             self.metrics.track_undelivered(self.service.undelivered_total)
             if metrics_port is not None:
-                self.metrics_port = serve_metrics(self.metrics, metrics_port)
+                try:
+                    self.metrics_port = serve_metrics(self.metrics, metrics_port)
+                except OSError as exc:
+                    raise ListenError(exc, f"127.0.0.1:{metrics_port} (metrics)") from exc
         except BaseException:
             if self.listener is not None:
                 self.listener.close()

@@ -100,6 +100,14 @@ MAX_CATCH_UP = 10_000
 _MESSAGES_FRAME_OVERHEAD = 64
 
 
+class ListenError(OSError):
+    """An address the server was to listen on could not be bound (``address``: host:port)."""
+
+    def __init__(self, exc: OSError, address: str):
+        super().__init__(exc.errno, exc.strerror or str(exc))
+        self.address = address
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Settings of a running server (see ``chat serve --help`` and docs/LIMITS)."""
@@ -890,6 +898,9 @@ class ChatServer:
             self.socket.bind((config.host, config.port))
             self.socket.listen(4096)  # a burst of connections waits here, not refused
             self.socket.setblocking(False)
+        except OSError as exc:
+            self.socket.close()
+            raise ListenError(exc, f"{config.host}:{config.port}") from exc
         except BaseException:
             self.socket.close()
             raise

@@ -21,7 +21,7 @@ from chatserver import admin as lib
 from chatserver.domain import SearchPattern
 from chatserver.errors import ChatError
 from chatserver.passwords import HashParameters, PasswordHasher
-from chatserver.storage.database import Database, shown_database
+from chatserver.storage.database import Database, UnsuitableDatabase, shown_database
 from chatserver.storage.migrate import SchemaError, schema_status
 from chatserver_cli.options import db_option
 
@@ -144,7 +144,7 @@ def _errors():
         yield
     except lib.AdminError as exc:
         raise click.ClickException(str(exc)) from None
-    except SchemaError as exc:
+    except (SchemaError, UnsuitableDatabase) as exc:
         raise click.ClickException(str(exc)) from None
     except ChatError as exc:
         raise click.ClickException(exc.message) from None

@@ -15,7 +15,8 @@ from chatserver import tls
 from chatserver.app import ChatApp
 from chatserver.logs import configure_logging
 from chatserver.passwords import HashParameters
-from chatserver.server import ServerConfig
+from chatserver.server import ListenError, ServerConfig
+from chatserver.storage.database import UnsuitableDatabase
 from chatserver.storage.migrate import SchemaError
 from chatserver_cli.options import db_option, host_option, port_option
 
@@ -122,10 +123,12 @@ def serve(db, host, port, sync, max_connections, heartbeat_interval, max_message
     try:
         app = ChatApp(db, config, sync=sync, hash_params=params, migrate=not no_migrate,
                       metrics_port=metrics_port, ssl_context=ssl_context)
-    except SchemaError as exc:
+    except (SchemaError, UnsuitableDatabase) as exc:
         raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    except ListenError as exc:
+        raise click.ClickException(f"cannot listen on {exc.address}: {exc.strerror}") from None
+    except OSError as exc:  # the database file, most likely (its directory, permissions)
+        raise click.ClickException(f"cannot start: {exc}") from None
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -133,6 +133,10 @@ def create_private_file(path: str) -> bool:
     return True
 
 
+class UnsuitableDatabase(Exception):
+    """The database cannot work the way the server needs it to (see the message)."""
+
+
 class Database:
     """One chat database: a write engine, a read engine and how to open units of work.
 
@@ -168,13 +172,23 @@ class Database:
                 isolation_level="REPEATABLE READ")
 
     def enable_wal(self) -> None:
-        """Switch a SQLite file to WAL (persistent in the file; readers never block the writer)."""
+        """Switch a SQLite file to WAL (persistent in the file; readers never block the writer).
+
+        SQLite answers with the mode it is in, and keeps the old one where WAL cannot work
+        (no shared memory: some network file systems, a VFS without locks). The server's
+        design depends on WAL (readers beside the writer, commits on the loop thread that
+        never wait), so anything else is refused rather than run slower and differently."""
         if self.is_sqlite:
             raw = self.write_engine.raw_connection()
             try:
-                raw.cursor().execute("PRAGMA journal_mode = WAL")
+                mode = raw.cursor().execute("PRAGMA journal_mode = WAL").fetchone()[0]
             finally:
                 raw.close()
+            if str(mode).lower() != "wal":
+                raise UnsuitableDatabase(
+                    f"SQLite cannot use WAL mode for {self.display_name} (it stays in "
+                    f"{mode!r} mode): WAL needs shared memory and file locks, which this file "
+                    f"system or VFS does not give; put the database on a local disk")
 
     @contextmanager
     def unit_of_work(self) -> Iterator[UnitOfWork]:

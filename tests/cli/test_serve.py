@@ -73,6 +73,48 @@ def test_port_of_a_running_chat_server(tmp_path, server):
         chat.register("alice", "alice-password")
 
 
+def test_metrics_port_in_use_names_that_port(tmp_path):
+    """Before, any OSError at start-up was reported as the chat port being unavailable."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_serve("--db", str(tmp_path / "chat.db"), "--port", "0",
+                           "--metrics-port", str(port))
+    assert_refused(result, f"cannot listen on 127.0.0.1:{port} (metrics): Address already in use")
+
+
+def test_database_in_a_missing_directory(tmp_path):
+    path = tmp_path / "no such dir" / "chat.db"
+    result = run_serve("--db", str(path), "--port", "0")
+    assert_refused(result, f"cannot start: [Errno 2] No such file or directory: '{path}'")
+
+
+# SQLite's "unix-none" VFS has no locks and no shared memory, as some network file systems:
+# SQLite then keeps the rollback journal when asked for WAL.
+NO_WAL_URL = "sqlite:///file:chat.db?vfs=unix-none&uri=true"
+NO_WAL_MESSAGE = ("SQLite cannot use WAL mode for file:chat.db (it stays in 'delete' mode): WAL "
+                  "needs shared memory and file locks, which this file system or VFS does not "
+                  "give; put the database on a local disk")
+
+
+def test_a_database_that_cannot_use_wal_is_refused(tmp_path):
+    result = run_serve("--db", NO_WAL_URL, "--port", "0", cwd=tmp_path)
+    assert_refused(result, NO_WAL_MESSAGE)
+    conn = sqlite3.connect(tmp_path / "chat.db")
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    finally:
+        conn.close()
+
+
+def test_admin_refuses_a_database_that_cannot_use_wal(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["admin", "migrate", "--db", NO_WAL_URL])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == f"Error: {NO_WAL_MESSAGE}"
+
+
 def test_foreign_sqlite_file(tmp_path):
     path = tmp_path / "recipes.db"
     conn = sqlite3.connect(path)
