@@ -208,8 +208,8 @@ def loopback_limit(seconds: float = 2.0, size: int = 64, *, poll: bool = False) 
                 hist.record(done - t)
                 t = done
                 ops += 1
-        return _result(LOOPBACK_POLLING if poll else LOOPBACK, ops, (t - start) / 1e9, hist, "round trips",
-                       others)
+        return _result(LOOPBACK_POLLING if poll else LOOPBACK, ops, (t - start) / 1e9, hist,
+                       "round trips", others)
     finally:
         proc.join(5)
         if proc.is_alive():
