@@ -77,11 +77,18 @@ def test_disk_full_refuses_sends_keeps_everything_and_recovers(start_server, sma
         assert len(refused) == 3, "the disk never filled up"
         # the server is up; what was stored before is all there (reads need no space)
         assert server.proc.poll() is None
-        # a login records its time, so it needs the disk too: refused just as explicitly
+        # A login records its time, so it needs the disk too: refused just as explicitly, and
+        # the refusal leaves the connection usable and anonymous. Unless its one small page
+        # fits where the WAL file already has room (the refused sends' frames extended it,
+        # and a checkpoint may have restarted it): whether it does is SQLite's and the
+        # checkpointer's timing, so either outcome is accepted, as for the ack below.
         with server.client() as carol:
-            assert error_code(lambda: carol.login("alice", PASSWORD)) == "storage_unavailable"
-            # and the refusal left the connection usable and anonymous
-            assert [a.name for a in carol.list_accounts().accounts] == ["alice", "bob"]
+            try:
+                carol.login("alice", PASSWORD)
+            except ServerError as exc:
+                assert exc.code == "storage_unavailable", exc
+                assert [a.name for a in carol.list_accounts().accounts] == ["alice", "bob"]
+                assert error_code(lambda: carol.send("bob", "x")) == "not_logged_in"
         stored = fetch_everything(bob, ack=False)
         assert [m.id for m in stored] == confirmed
         # an acknowledgement is a write too: refused just as explicitly, nothing removed
