@@ -32,6 +32,8 @@ from chatserver.storage.migrate import SchemaStatus, head_revision, schema_statu
 DAY_MS = 86_400_000
 PURGE_BATCH_SIZE = 1000  # rows per write transaction: the server's writers wait at most one batch
 BACKUP_STEP_PAGES = 1024  # pages copied per backup step (4 MiB with 4 KiB pages)
+# A SQLite database's files: the database and the journals that may sit beside it.
+SQLITE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
 Progress = Callable[[int, int], None]
 
@@ -315,9 +317,9 @@ def backup(db: Database, dest: str, *, step_pages: int = BACKUP_STEP_PAGES,
 
 def _remove_with_journals(path: str) -> None:
     """Delete a half-made SQLite file and whatever journal files it has."""
-    for leftover in (path, path + "-journal", path + "-wal", path + "-shm"):
+    for suffix in SQLITE_FILE_SUFFIXES:
         try:
-            os.remove(leftover)
+            os.remove(path + suffix)
         except FileNotFoundError:
             pass
 
@@ -393,13 +395,13 @@ def restore(backup_path: str, db_path: str, *, step_pages: int = BACKUP_STEP_PAG
         next_ids = _raise_counters(partial, counters)
         if os.path.exists(db_path):
             set_aside = f"{db_path}.before-restore-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-            for suffix in ("", "-wal", "-shm", "-journal"):
+            for suffix in SQLITE_FILE_SUFFIXES:
                 if os.path.exists(db_path + suffix):
                     os.rename(db_path + suffix, set_aside + suffix)
         os.replace(partial, db_path)
     except BaseException:
         if set_aside is not None:
-            for suffix in ("", "-wal", "-shm", "-journal"):
+            for suffix in SQLITE_FILE_SUFFIXES:
                 if os.path.exists(set_aside + suffix) and not os.path.exists(db_path + suffix):
                     os.rename(set_aside + suffix, db_path + suffix)
         _remove_with_journals(partial)

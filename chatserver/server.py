@@ -898,11 +898,10 @@ class ChatServer:
             self.socket.bind((config.host, config.port))
             self.socket.listen(4096)  # a burst of connections waits here, not refused
             self.socket.setblocking(False)
-        except OSError as exc:
+        except BaseException as exc:
             self.socket.close()
-            raise ListenError(exc, f"{config.host}:{config.port}") from exc
-        except BaseException:
-            self.socket.close()
+            if isinstance(exc, OSError):
+                raise ListenError(exc, f"{config.host}:{config.port}") from exc
             raise
         self._connections: set[ChatConnection] = set()  # every open one, admitted or not
         self._admitted: set[ChatConnection] = set()
