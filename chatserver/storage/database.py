@@ -93,6 +93,23 @@ def try_begin_now(conn) -> bool:
     return True
 
 
+def commit_begun(conn) -> None:
+    """SQLite: commit the transaction ``try_begin_now`` opened. Straight to the driver when
+    nothing went through SQLAlchemy since (it never learned of the transaction, and its
+    Transaction object would cost more than the COMMIT's own work); through SQLAlchemy if
+    something did (it then took the transaction over). A failure is StorageUnavailable,
+    and the transaction is left open: the caller discards the connection."""
+    if conn.in_transaction():
+        with storage_errors():
+            conn.commit()
+        return
+    conn.info.pop(_BEGUN, None)
+    try:
+        conn.connection.driver_connection.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise StorageUnavailable(f"the database is unavailable: {exc}") from exc
+
+
 def wait_for_locks(conn, wait: bool) -> None:
     """SQLite: whether statements on ``conn`` wait up to BUSY_TIMEOUT_MS for another
     connection's lock (every connection's default) or fail at once. Put it back before the

@@ -1,0 +1,181 @@
+"""A lone send committed inline (``GroupCommitWriter._commit_alone``): its transaction is
+begun and committed on the driver connection, without SQLAlchemy's transaction object,
+unless the send went through SQLAlchemy (the careful path), which then commits it.
+
+Every outcome is checked from another connection: committed before ``done`` ran, or not at
+all. SQLAlchemy's own "commit" event tells which of the two commits was taken.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+from sqlalchemy import event
+
+from chatserver.domain import SendOutcome
+from chatserver.errors import NoSuchAccount, StorageUnavailable
+from chatserver.service import ChatService
+from chatserver.storage.repository import Repository
+from chatserver.storage.writer import GroupCommitWriter
+
+from .conftest import PASSWORD
+
+
+def committed_bodies(db) -> list[str]:
+    conn = sqlite3.connect(db.path)
+    try:
+        return [r[0] for r in conn.execute("SELECT body FROM messages ORDER BY id")]
+    finally:
+        conn.close()
+
+
+class Done:
+    """A send's ``on_done``: what it was told, on which thread, and what was committed."""
+
+    def __init__(self, db):
+        self.db = db
+        self.calls: list[tuple] = []
+
+    def __call__(self, outcome, error):
+        self.calls.append((outcome, error, threading.get_ident(), committed_bodies(self.db)))
+
+    @property
+    def last(self):
+        return self.calls[-1]
+
+
+@pytest.fixture
+def commits():
+    """(batch size, seconds) per commit the writer reports."""
+    return []
+
+
+@pytest.fixture
+def writer(db, commits):
+    w = GroupCommitWriter(db.write_engine, on_commit=lambda n, s: commits.append((n, s)))
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def sqlalchemy_commits(db):
+    """How many commits went through SQLAlchemy's transaction object."""
+    seen = []
+
+    def on_commit(_conn):
+        seen.append(1)
+
+    event.listen(db.write_engine, "commit", on_commit)
+    yield seen
+    event.remove(db.write_engine, "commit", on_commit)
+
+
+@pytest.fixture
+def service(db, writer, hasher, clock):
+    return ChatService(db, writer, hasher, clock=clock.now)
+
+
+@pytest.fixture
+def alice(service):
+    return service.register("Alice", PASSWORD)
+
+
+@pytest.fixture
+def bob(service):
+    return service.register("Bob", PASSWORD)
+
+
+class InTransaction:
+    """A bulk job without a savepoint (as sends are) that tells whether it runs inside a
+    transaction: a BEGIN left pending by an inline commit would make it run without one."""
+
+    bulk_is_atomic = True
+
+    @staticmethod
+    def run_bulk(repo, jobs):
+        return [repo.conn.connection.driver_connection.in_transaction for _ in jobs]
+
+
+def send(service, sender, body, client_msg_id="", to="Bob", done=None):
+    service.submit_send(sender, to, body, client_msg_id, on_done=done, inline_if_idle=True)
+
+
+def test_a_lone_send_is_committed_on_the_driver_before_done_runs(
+        db, service, writer, alice, bob, commits, sqlalchemy_commits):
+    done = Done(db)
+    commits.clear()
+    send(service, alice, "hello", "c-1", done=done)
+    outcome, error, thread, committed = done.last
+    assert error is None and type(outcome) is SendOutcome and not outcome.duplicate
+    assert thread == threading.get_ident()  # inline, before submit_send returned
+    assert committed == ["hello"]
+    assert sqlalchemy_commits == []  # SQLAlchemy's transaction object was not used
+    assert [n for n, _ in commits] == [1] and commits[0][1] >= 0
+    assert writer.idle
+
+
+def test_a_send_that_takes_the_careful_path_is_committed_through_sqlalchemy(
+        db, service, writer, alice, bob, sqlalchemy_commits):
+    """A client_msg_id of an earlier commit fails the cached insert (its receipt exists);
+    the batch is redone with Core statements, so SQLAlchemy owns the transaction."""
+    done = Done(db)
+    send(service, alice, "first", "c-1", done=done)
+    first = done.last[0]
+    send(service, alice, "first again", "c-1", done=done)
+    outcome, error, _, committed = done.last
+    assert error is None and outcome.duplicate and outcome.message_id == first.message_id
+    assert committed == ["first"]
+    assert sqlalchemy_commits == [1]
+    # Nothing is left open: the next lone send commits inline on the driver again, and
+    # the writer thread's own transactions still work.
+    send(service, alice, "second", "c-2", done=done)
+    assert done.last[1] is None and done.last[3] == ["first", "second"]
+    assert sqlalchemy_commits == [1]
+    # (in a transaction of their own, BEGIN IMMEDIATE, not in autocommit mode)
+    assert writer.submit(InTransaction()).result() is True
+    writer.run(lambda repo: repo.add_account("Carol", "carol", "h", 1))
+    send(service, alice, "third", to="Carol", done=done)
+    assert done.last[1] is None and done.last[3] == ["first", "second", "third"]
+
+
+def test_a_refused_lone_send_is_told_and_the_next_one_commits(db, service, alice, bob):
+    done = Done(db)
+    send(service, alice, "lost", to="Nobody", done=done)
+    outcome, error, _, committed = done.last
+    assert outcome is None and isinstance(error, NoSuchAccount) and committed == []
+    send(service, alice, "found", done=done)
+    assert done.last[1] is None and done.last[3] == ["found"]
+
+
+def test_a_failed_commit_refuses_the_send_stores_nothing_and_the_next_one_commits(
+        db, service, writer, alice, bob, monkeypatch, commits):
+    """COMMIT itself fails (here: a deferred foreign key the send's transaction violated,
+    checked only at COMMIT, as a full disk or an I/O error would fail it)."""
+    store = Repository.store_messages
+
+    def store_then_break_the_commit(repo, batch, cap=0):
+        outcomes = store(repo, batch, cap)
+        cur = repo.conn.connection.driver_connection.cursor()
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS parent (id INTEGER PRIMARY KEY)")
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS child (parent_id INTEGER REFERENCES"
+                    " parent (id) DEFERRABLE INITIALLY DEFERRED)")
+        cur.execute("INSERT INTO child VALUES (42)")
+        return outcomes
+
+    monkeypatch.setattr(Repository, "store_messages", store_then_break_the_commit)
+    done = Done(db)
+    commits.clear()
+    send(service, alice, "doomed", "c-1", done=done)
+    outcome, error, _, committed = done.last
+    assert outcome is None and isinstance(error, StorageUnavailable)
+    assert committed == []
+    assert commits == []  # no commit was reported
+    monkeypatch.setattr(Repository, "store_messages", store)
+    # The connection was dropped with its open transaction: a new one serves the next send,
+    # and the refused send's client_msg_id is free (nothing of it was kept).
+    send(service, alice, "retried", "c-1", done=done)
+    outcome, error, _, committed = done.last
+    assert error is None and not outcome.duplicate and committed == ["retried"]
+    assert writer.idle
