@@ -238,18 +238,20 @@ class ChatService:
 
     def submit_send(self, sender: Account, to: str, body: str, client_msg_id: str = "",
                     on_done: Callable[[SendOutcome | None, BaseException | None], None]
-                    | None = None, inline_if_idle: bool = False) -> Future[SendOutcome] | None:
+                    | None = None, inline_if_idle: bool = False, hold: bool = False
+                    ) -> Future[SendOutcome] | None:
         """Check a send and queue it for the writer; the future resolves after its commit.
 
         Refusals that need no database (size, rate) raise at once; the others (unknown
         recipient, full queue) come through the future, and so does the rate refusal of a
         send with a ``client_msg_id`` (unless it turns out to be a retry: a duplicate). With ``on_done`` there is no future:
         ``on_done(outcome, None)`` or ``on_done(None, error)`` is called after the commit,
-        on the writer's thread (or on this one: ``GroupCommitWriter.submit_callback``).
+        on the writer's thread (or on this one: ``GroupCommitWriter.submit_callback``, whose
+        ``inline_if_idle`` and ``hold`` these are).
         """
         job = self._send_job(sender, to, body, client_msg_id)
         if on_done is not None:
-            self.writer.submit_callback(job, on_done, inline_if_idle=inline_if_idle)
+            self.writer.submit_callback(job, on_done, inline_if_idle=inline_if_idle, hold=hold)
             return None
         return self.writer.submit(job)
 

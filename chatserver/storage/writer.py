@@ -66,6 +66,10 @@ class GroupCommitWriter:
         self._closed = False
         self._lock = threading.Lock()  # guards _closed, _in_flight and queueing
         self._in_flight = 0  # jobs submitted and not yet resolved
+        # Jobs submitted with hold=True, waiting for release_held() from the thread that
+        # holds them (only that thread touches the list); they count as in flight.
+        self._held: list = []
+        self._holder: int | None = None
         self._db_lock = threading.Lock()  # held by whichever thread writes (see module doc)
         self._conn = None
         self._inline_capable = engine.dialect.name == "sqlite"
@@ -81,6 +85,7 @@ class GroupCommitWriter:
     def submit(self, job: Callable[[Repository], T]) -> Future[T]:
         """Queue a job; its future resolves after the commit that contains it."""
         future: Future[T] = Future()
+        self._release_own_held()
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
@@ -90,13 +95,24 @@ class GroupCommitWriter:
 
     def submit_callback(self, job: Callable[[Repository], T],
                         done: Callable[[T | None, BaseException | None], None],
-                        *, inline_if_idle: bool = False) -> None:
+                        *, inline_if_idle: bool = False, hold: bool = False) -> None:
         """Queue a job; after the commit that contains it, ``done(result, None)`` or
         ``done(None, exception)`` is called. Lighter than a Future (no lock or condition per
         job): the server's path for sends. With ``inline_if_idle`` and the writer idle, the
         job is committed on this thread and ``done`` called before this returns (the caller
-        has nothing else to do meanwhile); else it is the writer thread's."""
+        has nothing else to do meanwhile); else it is the writer thread's. With ``hold``,
+        the job waits for this thread's ``release_held()``, which commits every job held
+        until then together (the I/O loop holds a turn's sends: see ``release_held``)."""
         item = (job, _Completion(done))
+        if hold:
+            with self._lock:
+                if self._closed:
+                    raise ShuttingDown("the server is shutting down")
+                self._in_flight += 1
+            self._holder = threading.get_ident()
+            self._held.append(item)
+            return
+        self._release_own_held()
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
@@ -108,26 +124,68 @@ class GroupCommitWriter:
             if not inline:
                 self._queue.put(item)
         if inline:
-            try:
-                done = self._execute_inline(item)
-            finally:
-                self._db_lock.release()
-            if done:
-                with self._lock:
-                    self._in_flight -= 1
-            else:  # another process holds the write lock: the writer thread waits for it
-                self._requeue(item)
+            self._commit_inline([item])
 
-    def _requeue(self, item) -> None:
-        """Queue an inline job that could not begin. If ``close()`` came meanwhile, its stop
-        mark is queued already and the thread would never run the job: refuse it instead,
-        as every submit after ``close()`` is (its callback is told)."""
+    def release_held(self) -> None:
+        """Commit the jobs this thread held (``submit_callback(hold=True)``), in order: all
+        in one transaction on this thread if nothing else is in flight (their callbacks run
+        before this returns), else queued for the writer thread behind what is queued.
+
+        For a caller that collects jobs in a burst and then has nothing better to do than
+        commit them: the I/O loop at the end of a turn, when a commit is cheap (``--sync
+        normal``). It then pays no hand-off to the writer thread and back for them."""
+        held = self._held
+        if not held:
+            return
+        self._held = []
+        with self._lock:
+            if self._closed:  # its stop mark is queued: refuse them as _requeue does
+                self._in_flight -= len(held)
+                refused = True
+            else:
+                refused = False
+                # Nothing else in flight, so nobody holds _db_lock (see submit_callback).
+                inline = (self._in_flight == len(held) and len(held) <= self._max_batch
+                          and self._db_lock.acquire(blocking=False))
+                if not inline:
+                    for item in held:
+                        self._queue.put(item)
+        if refused:
+            for _job, completion in held:
+                completion.set_exception(ShuttingDown("the server is shutting down"))
+        elif inline:
+            self._commit_inline(held)
+
+    def _release_own_held(self) -> None:
+        """A job submitted by a thread that holds jobs goes after them: release them first."""
+        if self._held and self._holder == threading.get_ident():
+            self.release_held()
+
+    def _commit_inline(self, batch) -> None:
+        """Commit ``batch`` on this thread (``_db_lock`` taken by the caller and released
+        here), or queue it for the writer thread if the write lock is another process's."""
+        try:
+            done = self._execute_inline(batch)
+        finally:
+            self._db_lock.release()
+        if done:
+            with self._lock:
+                self._in_flight -= len(batch)
+        else:  # another process holds the write lock: the writer thread waits for it
+            self._requeue(batch)
+
+    def _requeue(self, batch) -> None:
+        """Queue inline jobs that could not begin. If ``close()`` came meanwhile, its stop
+        mark is queued already and the thread would never run them: refuse them instead,
+        as every submit after ``close()`` is (their callbacks are told)."""
         with self._lock:
             if not self._closed:
-                self._queue.put(item)
+                for item in batch:
+                    self._queue.put(item)
                 return
-            self._in_flight -= 1
-        item[1].set_exception(ShuttingDown("the server is shutting down"))
+            self._in_flight -= len(batch)
+        for item in batch:
+            item[1].set_exception(ShuttingDown("the server is shutting down"))
 
     @property
     def idle(self) -> bool:
@@ -170,22 +228,22 @@ class GroupCommitWriter:
         with self._db_lock:
             self._close_connection(broken=False)
 
-    def _execute_inline(self, item) -> bool:
-        """Commit one job on the calling thread (``_db_lock`` held) if the database's write
+    def _execute_inline(self, batch) -> bool:
+        """Commit jobs on the calling thread (``_db_lock`` held) if the database's write
         lock is free now; False if it is not (nothing done). SQLite only: elsewhere the
-        lock cannot be tried without waiting, and the job goes to the writer thread."""
+        lock cannot be tried without waiting, and the jobs go to the writer thread."""
         if not self._inline_capable:
             return False
         try:
-            conn = self._connection(waits=False, memory_journal=_small_journal([item]))
+            conn = self._connection(waits=False, memory_journal=_small_journal(batch))
             if not try_begin_now(conn):
                 return False
         except Exception:  # let the writer thread meet (and report) the failure
             return False
-        if getattr(type(item[0]), "bulk_is_atomic", False):
-            self._commit_alone(item)
+        if len(batch) == 1 and getattr(type(batch[0][0]), "bulk_is_atomic", False):
+            self._commit_alone(batch[0])
         else:
-            self._execute([item], begun=True)
+            self._execute(batch, begun=True)
         return True
 
     def _commit_alone(self, item) -> None:

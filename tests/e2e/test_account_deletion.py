@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import subprocess
 
-from chatserver.protocol import AccountDeleted, DeleteAccount, Notice
+import pytest
+
+from chatserver.protocol import (
+    AccountDeleted,
+    DeleteAccount,
+    LoggedIn,
+    Notice,
+    Ping,
+    Pong,
+    Register,
+    Send,
+    Sent,
+)
+from chatserver.storage.database import SYNC_LEVELS
 
 from .helpers import PASSWORD, drain, error_code, fetch_all, next_notice, next_push
+from .rawframes import RawClient
 
 
 def test_wrong_password_is_invalid_credentials_and_changes_nothing(user, connect):
@@ -168,3 +182,30 @@ def test_admin_deletion_ends_live_sessions(server, user, root_conftest):
     assert error_code(lambda: bob.send("alice", "anyone?")) == "no_such_account"
     assert [(m.id, m.sender) for m in fetch_all(bob)] == [(kept, "alice")]
     assert "Traceback" not in server.log
+
+
+@pytest.mark.parametrize("sync", SYNC_LEVELS)
+def test_sends_written_with_the_deletion_take_effect_before_it(server_factory, sync):
+    """Lone sends and then DeleteAccount in one write: the sends are stored (and
+    deliverable) before the account goes, also where the loop holds a turn's lone sends
+    (sync normal). A Ping between them keeps each send alone (not a pipelined chunk)."""
+    server = server_factory(extra_args=["--sync", sync])
+    bob = server.client()
+    bob.register("bob", PASSWORD)
+    bob.logout()
+    raw = RawClient(server.host, server.port)
+    try:
+        raw.hello()
+        assert type(raw.request(Register(request_id=2, name="leaver", password=PASSWORD))) \
+            is LoggedIn
+        raw.send(Send(request_id=3, to="bob", body="first"), Ping(nonce=7),
+                 Send(request_id=4, to="bob", body="last"),
+                 DeleteAccount(request_id=5, password=PASSWORD))
+        replies = [raw.reply() for _ in range(4)]
+    finally:
+        raw.close()
+    assert [type(r) for r in replies] == [Sent, Pong, Sent, AccountDeleted]
+    bob.login("bob", PASSWORD)
+    assert [(m.sender, m.body) for m in fetch_all(bob)] == [("leaver", "first"),
+                                                            ("leaver", "last")]
+    bob.close()

@@ -6,10 +6,21 @@ import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from chatserver.client import ServerError
 from chatserver.protocol import Push
+from chatserver.storage.database import SYNC_LEVELS
 
 from .helpers import PASSWORD, WAIT, drain, fetch_all
+
+
+# Every test at both sync levels: at --sync normal the I/O loop holds a turn's lone sends
+# and commits them together itself (ChatServer.hold_sends); at full the writer thread does.
+@pytest.fixture(params=SYNC_LEVELS)
+def server(request, server_factory):
+    return server_factory(extra_args=["--sync", request.param])
+
 
 CLIENTS = 50
 PER_CLIENT = 20

@@ -29,9 +29,17 @@ from chatserver.protocol import (
     Welcome,
     encode_event,
 )
+from chatserver.storage.database import SYNC_LEVELS
 
 from .helpers import PASSWORD, fetch_all, pushes_until
 from .rawframes import RawClient
+
+
+# Every test at both sync levels: at --sync normal the I/O loop holds a turn's lone sends
+# and commits them together itself (ChatServer.hold_sends); at full the writer thread does.
+@pytest.fixture(params=SYNC_LEVELS)
+def server(request, server_factory):
+    return server_factory(extra_args=["--sync", request.param])
 
 
 def conversation() -> tuple[list, list[tuple[type, int | None]]]:

@@ -562,3 +562,42 @@ def test_a_timer_due_within_the_poll_window_fires_without_waiting_for_the_window
     finally:
         running.stop()
         running.loop.close()
+
+
+# -- at_turn_end ----------------------------------------------------------------------------
+
+def test_turn_end_callbacks_run_after_the_turns_socket_and_posted_callbacks(running, pair):
+    """What a turn's callbacks collect (the server's held sends) is there at its end."""
+    ours, theirs = pair
+    order: list[str] = []
+    ended = threading.Event()
+
+    def readable(_mask: int) -> None:
+        ours.recv(4096)
+        order.append("socket")
+        running.loop.call_soon(lambda: order.append("posted"))
+
+    def turn_end() -> None:
+        if order and order[-1] != "end":
+            order.append("end")
+            ended.set()
+
+    running.on_loop(lambda: running.loop.register(ours, READ, readable))
+    running.on_loop(lambda: running.loop.at_turn_end(turn_end))
+    theirs.send(b"x")
+    assert ended.wait(WAIT)
+    assert order == ["socket", "posted", "end"]
+
+
+def test_a_raising_turn_end_callback_is_logged_and_runs_again_next_turn(running, caplog):
+    calls: list[int] = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    running.on_loop(lambda: running.loop.at_turn_end(broken))
+    running.sync()
+    running.sync()
+    assert len(calls) >= 2 and running.thread.is_alive()
+    assert "boom" in caplog.text
