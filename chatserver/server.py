@@ -1031,6 +1031,8 @@ class ChatServer:
         try:
             self.loop.run()
         finally:
+            if self.hold_sends:  # a turn cut short by an error: its held sends still commit
+                self.service.writer.release_held()
             self._close_everything()
             self.loop.close()  # its selector and wake-up sockets
             self._loop_done.set()

@@ -97,8 +97,9 @@ def commit_begun(conn) -> None:
     """SQLite: commit the transaction ``try_begin_now`` opened. Straight to the driver when
     nothing went through SQLAlchemy since (it never learned of the transaction, and its
     Transaction object would cost more than the COMMIT's own work); through SQLAlchemy if
-    something did (it then took the transaction over). A failure is StorageUnavailable,
-    and the transaction is left open: the caller discards the connection."""
+    something did (it then took the transaction over). A failure raises (StorageUnavailable
+    from the driver path or for an operational error, else SQLAlchemy's exception) and
+    leaves the transaction open: the caller discards the connection."""
     if conn.in_transaction():
         with storage_errors():
             conn.commit()

@@ -12,7 +12,9 @@ idle) is committed on the submitting thread instead, under the same lock: one cl
 waiting for each reply then pays no hand-off to the writer thread and back. Jobs submitted
 meanwhile queue for the thread as usual. If another process holds SQLite's write lock at
 that moment, the job goes to the writer thread (which waits for the lock) instead of
-making the submitting thread wait.
+making the submitting thread wait. A thread may also hold jobs (``hold=True``) and release
+them together (``release_held``): the I/O loop does so with a turn's lone sends where a
+commit is cheap, one transaction for the turn instead of a hand-off each.
 """
 
 from __future__ import annotations
@@ -118,7 +120,9 @@ class GroupCommitWriter:
                 raise ShuttingDown("the server is shutting down")
             self._in_flight += 1
             # Nothing else in flight, so nobody holds _db_lock; taking it here, under _lock,
-            # means no job submitted after this one can be written before it.
+            # means no job submitted after this one is written before it. (Unless another
+            # process holds SQLite's write lock: the job is then requeued, and a job another
+            # thread submitted meanwhile may be queued first; this thread's cannot.)
             inline = (inline_if_idle and self._in_flight == 1
                       and self._db_lock.acquire(blocking=False))
             if not inline:
@@ -129,7 +133,9 @@ class GroupCommitWriter:
     def release_held(self) -> None:
         """Commit the jobs this thread held (``submit_callback(hold=True)``), in order: all
         in one transaction on this thread if nothing else is in flight (their callbacks run
-        before this returns), else queued for the writer thread behind what is queued.
+        before this returns); else queued for the writer thread behind what is queued, as
+        are more than ``max_batch`` of them and jobs that find SQLite's write lock taken by
+        another process. After ``close()`` they are refused with ShuttingDown.
 
         For a caller that collects jobs in a burst and then has nothing better to do than
         commit them: the I/O loop at the end of a turn, when a commit is cheap (``--sync
@@ -166,6 +172,14 @@ class GroupCommitWriter:
         here), or queue it for the writer thread if the write lock is another process's."""
         try:
             done = self._execute_inline(batch)
+        except Exception as exc:  # a bug: answer what is unanswered, or its client waits forever
+            log.exception("inline commit failed")
+            with self._lock:
+                self._in_flight -= len(batch)
+            for _job, completion in batch:
+                if not completion.done():
+                    completion.set_exception(exc)
+            return
         finally:
             self._db_lock.release()
         if done:
@@ -250,7 +264,7 @@ class GroupCommitWriter:
         """Commit one all-or-nothing bulk job (a lone send) in the transaction
         ``try_begin_now`` opened, without SQLAlchemy's transaction object: its events,
         context managers and bookkeeping cost a lone send more than its two INSERTs do
-        (55 -> 45 us a send in-process, BENCHMARKS.md). Errors as in ``_commit_batch``: a
+        (58 -> 45 us a send in-process, BENCHMARKS.md). Errors as in ``_commit_batch``: a
         job's own refusal is its result, a failed database fails the job and drops the
         connection."""
         started = time.perf_counter()
@@ -264,8 +278,7 @@ class GroupCommitWriter:
             return
         if not ok:
             self._cache.clear()  # as _commit_batch: it may have cached what was undone
-        if self._on_commit is not None:
-            self._on_commit(1, time.perf_counter() - started)
+        self._report_commit(1, started)
         if ok:
             value = value[0]  # the job's result, or the exception that refused it
             ok = not isinstance(value, Exception)
@@ -273,6 +286,15 @@ class GroupCommitWriter:
             completion.set_result(value)
         else:
             completion.set_exception(value)
+
+    def _report_commit(self, jobs: int, started: float) -> None:
+        """Tell ``on_commit`` (metrics) of a commit. Its failure is logged, never raised: the
+        jobs are committed, and their callbacks must still be told so."""
+        if self._on_commit is not None:
+            try:
+                self._on_commit(jobs, time.perf_counter() - started)
+            except Exception:
+                log.exception("on_commit failed")
 
     def _connection(self, *, waits: bool, memory_journal: bool):
         """The writer's connection (opened if need be), set up for the next transaction:
@@ -364,8 +386,7 @@ class GroupCommitWriter:
                     else:
                         self._cache.clear()  # it may have cached what was just undone
                         results.extend(_Failed(value) for _ in group)
-        if self._on_commit is not None:
-            self._on_commit(len(batch), time.perf_counter() - started)
+        self._report_commit(len(batch), started)
         with self.results_context():
             for future, result in zip(futures, results):
                 if type(result) is _Failed:

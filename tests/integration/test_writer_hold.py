@@ -188,3 +188,24 @@ def test_held_sends_are_stored_in_one_commit_with_each_its_own_outcome(db, write
     assert again[1].duplicate and again[1].message_id == one[1].message_id
     page, _more = service.fetch(bob, 10)
     assert [m.body for m in page] == ["one", "two"]
+
+
+def test_a_failing_on_commit_hook_neither_loses_answers_nor_fails_committed_jobs(db):
+    """on_commit (metrics) runs after the commit: if it raises, the jobs are still
+    committed, and each is told its own result, inline and on the writer thread alike."""
+
+    def broken(_jobs, _seconds):
+        raise RuntimeError("metrics broke")
+
+    writer = GroupCommitWriter(db.write_engine, on_commit=broken)
+    try:
+        answers = Answers()
+        writer.submit_callback(add("held1"), answers.done("held1"), hold=True)
+        writer.submit_callback(add("held2"), answers.done("held2"), hold=True)
+        writer.release_held()  # does not raise
+        assert [(c[0], c[2]) for c in answers.calls] == [("held1", None), ("held2", None)]
+        assert writer.idle
+        assert writer.submit(add("queued")).result(WAIT) is not None  # the writer thread
+        assert committed_names(db) == ["held1", "held2", "queued"]
+    finally:
+        writer.close()

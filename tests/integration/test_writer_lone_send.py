@@ -179,3 +179,21 @@ def test_a_failed_commit_refuses_the_send_stores_nothing_and_the_next_one_commit
     outcome, error, _, committed = done.last
     assert error is None and not outcome.duplicate and committed == ["retried"]
     assert writer.idle
+
+
+def test_a_failing_on_commit_hook_still_answers_the_lone_send(db, hasher):
+    def broken(_jobs, _seconds):
+        raise RuntimeError("metrics broke")
+
+    writer = GroupCommitWriter(db.write_engine, on_commit=broken)
+    try:
+        service = ChatService(db, writer, hasher)
+        alice = service.register("Alice", PASSWORD)
+        service.register("Bob", PASSWORD)
+        done = Done(db)
+        send(service, alice, "hello", "c-1", done=done)
+        outcome, error, _, committed = done.last
+        assert error is None and type(outcome) is SendOutcome and committed == ["hello"]
+        assert writer.idle
+    finally:
+        writer.close()
