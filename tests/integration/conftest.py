@@ -7,6 +7,7 @@ Every database here lives in ``tmp_path`` and is brought to head by
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
 
@@ -107,3 +108,29 @@ class Held:
     def __exit__(self, *exc):
         self.release.set()
         self.future.result(self.WAIT)
+
+
+def committed_rows(db, sql: str) -> list:
+    """What another connection sees of ``sql``'s first column: committed rows only."""
+    conn = sqlite3.connect(db.path)
+    try:
+        return [r[0] for r in conn.execute(sql)]
+    finally:
+        conn.close()
+
+
+def committed_names(db) -> list[str]:
+    """Committed account names, in id order."""
+    return committed_rows(db, "SELECT name FROM accounts ORDER BY id")
+
+
+def committed_bodies(db) -> list[str]:
+    """Committed message bodies, in id order."""
+    return committed_rows(db, "SELECT body FROM messages ORDER BY id")
+
+
+def add(name: str):
+    """A writer job that adds the account ``name`` and returns its id."""
+    def job(repo):
+        return repo.add_account(name, name.casefold(), "h", 1).id
+    return job

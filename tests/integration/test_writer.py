@@ -21,6 +21,8 @@ from chatserver.errors import InvalidRequest, NameTaken, ShuttingDown, StorageUn
 from chatserver.storage.database import Database
 from chatserver.storage.writer import GroupCommitWriter
 
+from .conftest import add
+
 WAIT = 30  # seconds; only a bound on hangs, never an assertion about speed
 
 
@@ -36,11 +38,6 @@ def raw(db: Database, sql: str, params: tuple = ()) -> list[tuple]:
 def names_in_db(db: Database) -> list[str]:
     return [r[0] for r in raw(db, "SELECT name FROM accounts ORDER BY id")]
 
-
-def add(name: str):
-    def job(repo):
-        return repo.add_account(name, name.casefold(), "h", 1).id
-    return job
 
 
 class Gate:

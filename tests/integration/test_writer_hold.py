@@ -19,23 +19,11 @@ from chatserver.errors import NoSuchAccount, ShuttingDown
 from chatserver.service import ChatService
 from chatserver.storage.writer import GroupCommitWriter
 
-from .conftest import PASSWORD, Held
+from .conftest import PASSWORD, Held, add, committed_names
 
 WAIT = 30  # seconds; only a bound on hangs, never an assertion about speed
 
 
-def committed_names(db) -> list[str]:
-    conn = sqlite3.connect(db.path)
-    try:
-        return [r[0] for r in conn.execute("SELECT name FROM accounts ORDER BY id")]
-    finally:
-        conn.close()
-
-
-def add(name: str):
-    def job(repo):
-        return repo.add_account(name, name.casefold(), "h", 1).id
-    return job
 
 
 class Answers:

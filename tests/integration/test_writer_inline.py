@@ -12,26 +12,15 @@ import threading
 
 import pytest
 
-from chatserver.storage.database import BUSY_TIMEOUT_MS
 from chatserver.errors import ShuttingDown
+from chatserver.storage.database import BUSY_TIMEOUT_MS
 from chatserver.storage.writer import GroupCommitWriter
+
+from .conftest import add, committed_names
 
 WAIT = 30  # seconds; only a bound on hangs, never an assertion about speed
 
 
-def committed_names(db) -> list[str]:
-    """What another connection sees: committed rows only, in id order."""
-    conn = sqlite3.connect(db.path)
-    try:
-        return [r[0] for r in conn.execute("SELECT name FROM accounts ORDER BY id")]
-    finally:
-        conn.close()
-
-
-def add(name: str):
-    def job(repo):
-        return repo.add_account(name, name.casefold(), "h", 1).id
-    return job
 
 
 @pytest.fixture

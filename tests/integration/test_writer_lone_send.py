@@ -8,7 +8,6 @@ all. SQLAlchemy's own "commit" event tells which of the two commits was taken.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 
 import pytest
@@ -20,15 +19,7 @@ from chatserver.service import ChatService
 from chatserver.storage.repository import Repository
 from chatserver.storage.writer import GroupCommitWriter
 
-from .conftest import PASSWORD
-
-
-def committed_bodies(db) -> list[str]:
-    conn = sqlite3.connect(db.path)
-    try:
-        return [r[0] for r in conn.execute("SELECT body FROM messages ORDER BY id")]
-    finally:
-        conn.close()
+from .conftest import PASSWORD, committed_bodies
 
 
 class Done:
@@ -54,6 +45,7 @@ def commits():
 
 @pytest.fixture
 def writer(db, commits):
+    """conftest's writer, reporting its commits; conftest's ``service`` is built on it."""
     w = GroupCommitWriter(db.write_engine, on_commit=lambda n, s: commits.append((n, s)))
     yield w
     w.close()
@@ -70,21 +62,6 @@ def sqlalchemy_commits(db):
     event.listen(db.write_engine, "commit", on_commit)
     yield seen
     event.remove(db.write_engine, "commit", on_commit)
-
-
-@pytest.fixture
-def service(db, writer, hasher, clock):
-    return ChatService(db, writer, hasher, clock=clock.now)
-
-
-@pytest.fixture
-def alice(service):
-    return service.register("Alice", PASSWORD)
-
-
-@pytest.fixture
-def bob(service):
-    return service.register("Bob", PASSWORD)
 
 
 class InTransaction:
