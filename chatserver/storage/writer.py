@@ -254,38 +254,41 @@ class GroupCommitWriter:
                 return False
         except Exception:  # let the writer thread meet (and report) the failure
             return False
-        if len(batch) == 1 and getattr(type(batch[0][0]), "bulk_is_atomic", False):
-            self._commit_alone(batch[0])
+        if _one_atomic_group(batch):
+            self._commit_atomic(batch)
         else:
             self._execute(batch, begun=True)
         return True
 
-    def _commit_alone(self, item) -> None:
-        """Commit one all-or-nothing bulk job (a lone send) in the transaction
-        ``try_begin_now`` opened, without SQLAlchemy's transaction object: its events,
-        context managers and bookkeeping cost a lone send more than its two INSERTs do
-        (58 -> 45 us a send in-process, BENCHMARKS.md). Errors as in ``_commit_batch``: a
-        job's own refusal is its result, a failed database fails the job and drops the
-        connection."""
+    def _commit_atomic(self, batch) -> None:
+        """Commit jobs of one all-or-nothing bulk group (sends: a lone one, or a turn's held
+        ones) in the transaction ``try_begin_now`` opened, without SQLAlchemy's transaction
+        object: its events, context managers and bookkeeping cost a lone send more than its
+        two INSERTs do (58 -> 45 us a send in-process; BENCHMARKS.md). Errors as in
+        ``_commit_batch``: a job's own refusal is its result, the group's failure (a
+        ChatError it raised) every job's, and a failed database fails them all and drops
+        the connection."""
         started = time.perf_counter()
         conn = self._conn
-        job, completion = item
+        jobs = [job for job, _completion in batch]
         try:
-            ok, value = _atomic(lambda: type(job).run_bulk(Repository(conn, self._cache), [job]))
+            ok, value = _atomic(lambda: type(jobs[0]).run_bulk(Repository(conn, self._cache), jobs))
             commit_begun(conn)
         except Exception as exc:
-            self._failed([item], exc)
+            self._failed(batch, exc)
             return
         if not ok:
             self._cache.clear()  # as _commit_batch: it may have cached what was undone
-        self._report_commit(1, started)
-        if ok:
-            value = value[0]  # the job's result, or the exception that refused it
-            ok = not isinstance(value, Exception)
-        if ok:
-            completion.set_result(value)
-        else:
-            completion.set_exception(value)
+            value = [value] * len(batch)
+        self._report_commit(len(batch), started)
+        # Several jobs' replies are held and sent together, as _commit_batch does; a lone
+        # job's reply goes at once.
+        with self.results_context() if len(batch) > 1 else nullcontext():
+            for (_job, completion), result in zip(batch, value):
+                if isinstance(result, Exception):  # the job's refusal
+                    completion.set_exception(result)
+                else:
+                    completion.set_result(result)
 
     def _report_commit(self, jobs: int, started: float) -> None:
         """Tell ``on_commit`` (metrics) of a commit. Its failure is logged, never raised: the
@@ -459,6 +462,19 @@ def _groups(batch):
         group_kind = kind
     if group:
         yield group
+
+
+def _one_atomic_group(batch) -> bool:
+    """Whether ``_groups`` would make ``batch`` one group of all-or-nothing bulk jobs."""
+    first = type(batch[0][0])
+    if not getattr(first, "bulk_is_atomic", False):
+        return False
+    if len(batch) == 1:
+        return True
+    kind = getattr(first, "bulk_group", first)
+    return all(getattr(type(job), "bulk_is_atomic", False)
+               and getattr(type(job), "bulk_group", type(job)) == kind
+               for job, _completion in batch)
 
 
 def _small_journal(batch) -> bool:

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import event
 
 from chatserver.passwords import HashParameters, PasswordHasher
 from chatserver.service import ChatService
@@ -86,6 +87,19 @@ def alice(service):
 @pytest.fixture
 def bob(service):
     return service.register("Bob", PASSWORD)
+
+
+@pytest.fixture
+def sqlalchemy_commits(db):
+    """One entry per commit that went through SQLAlchemy's transaction object."""
+    seen = []
+
+    def on_commit(_conn):
+        seen.append(1)
+
+    event.listen(db.write_engine, "commit", on_commit)
+    yield seen
+    event.remove(db.write_engine, "commit", on_commit)
 
 
 class Held:

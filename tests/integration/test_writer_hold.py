@@ -15,8 +15,9 @@ import threading
 import pytest
 
 from chatserver.domain import SendOutcome
-from chatserver.errors import NoSuchAccount, ShuttingDown
+from chatserver.errors import NoSuchAccount, ShuttingDown, StorageUnavailable
 from chatserver.service import ChatService
+from chatserver.storage.repository import Repository
 from chatserver.storage.writer import GroupCommitWriter
 
 from .conftest import PASSWORD, Held, add, committed_names
@@ -153,7 +154,8 @@ def test_a_refused_job_among_held_ones_fails_alone(db, writer):
 
 
 def test_held_sends_are_stored_in_one_commit_with_each_its_own_outcome(db, writer, hasher,
-                                                                        commits):
+                                                                        commits,
+                                                                        sqlalchemy_commits):
     """Through the service, as the server holds a turn's lone sends: one commit, in order;
     an unknown recipient refuses only its own send."""
     service = ChatService(db, writer, hasher)
@@ -166,8 +168,10 @@ def test_held_sends_are_stored_in_one_commit_with_each_its_own_outcome(db, write
         service.submit_send(alice, to, body, client_msg_id, on_done=answers.done(str(i)),
                             hold=True)
     commits.clear()
+    sqlalchemy_commits.clear()
     writer.release_held()
     assert commits == [4]
+    assert sqlalchemy_commits == []  # committed on the driver (_commit_atomic)
     by_send = {int(c[0]): c for c in answers.calls}
     one, lost, two, again = (by_send[i] for i in range(4))
     assert type(one[1]) is SendOutcome and not one[1].duplicate
@@ -197,3 +201,41 @@ def test_a_failing_on_commit_hook_neither_loses_answers_nor_fails_committed_jobs
         assert committed_names(db) == ["held1", "held2", "queued"]
     finally:
         writer.close()
+
+
+def test_a_failed_commit_of_held_sends_refuses_them_all_and_stores_nothing(
+        db, writer, hasher, monkeypatch):
+    """COMMIT itself fails (a deferred foreign key the transaction violated, checked only
+    at COMMIT, as a full disk would fail it): every held send is refused, none is stored,
+    and the next ones commit."""
+    service = ChatService(db, writer, hasher)
+    alice = service.register("Alice", PASSWORD)
+    bob = service.register("Bob", PASSWORD)
+    store = Repository.store_messages
+
+    def store_then_break_the_commit(repo, batch, cap=0):
+        outcomes = store(repo, batch, cap)
+        cur = repo.conn.connection.driver_connection.cursor()
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS parent (id INTEGER PRIMARY KEY)")
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS child (parent_id INTEGER REFERENCES"
+                    " parent (id) DEFERRABLE INITIALLY DEFERRED)")
+        cur.execute("INSERT INTO child VALUES (42)")
+        return outcomes
+
+    monkeypatch.setattr(Repository, "store_messages", store_then_break_the_commit)
+    answers = Answers()
+    for i in range(3):
+        service.submit_send(alice, "Bob", f"doomed {i}", f"c-{i}", on_done=answers.done(str(i)),
+                            hold=True)
+    writer.release_held()
+    assert [type(c[2]) for c in answers.calls] == [StorageUnavailable] * 3
+    assert writer.idle
+    monkeypatch.setattr(Repository, "store_messages", store)
+    for i in range(3):
+        service.submit_send(alice, "Bob", f"kept {i}", f"c-{i}", on_done=answers.done(str(i)),
+                            hold=True)
+    writer.release_held()
+    assert [c[2] for c in answers.calls[3:]] == [None] * 3
+    assert not any(c[1].duplicate for c in answers.calls[3:])  # nothing of the first kept
+    page, _more = service.fetch(bob, 10)
+    assert [m.body for m in page] == ["kept 0", "kept 1", "kept 2"]

@@ -1,4 +1,4 @@
-"""A lone send committed inline (``GroupCommitWriter._commit_alone``): its transaction is
+"""A lone send committed inline (``GroupCommitWriter._commit_atomic``): its transaction is
 begun and committed on the driver connection, without SQLAlchemy's transaction object,
 unless the send went through SQLAlchemy (the careful path), which then commits it.
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-from sqlalchemy import event
 
 from chatserver.domain import SendOutcome
 from chatserver.errors import NoSuchAccount, StorageUnavailable
@@ -49,19 +48,6 @@ def writer(db, commits):
     w = GroupCommitWriter(db.write_engine, on_commit=lambda n, s: commits.append((n, s)))
     yield w
     w.close()
-
-
-@pytest.fixture
-def sqlalchemy_commits(db):
-    """How many commits went through SQLAlchemy's transaction object."""
-    seen = []
-
-    def on_commit(_conn):
-        seen.append(1)
-
-    event.listen(db.write_engine, "commit", on_commit)
-    yield seen
-    event.remove(db.write_engine, "commit", on_commit)
 
 
 class InTransaction:
