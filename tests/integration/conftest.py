@@ -18,6 +18,7 @@ from chatserver.passwords import HashParameters, PasswordHasher
 from chatserver.service import ChatService
 from chatserver.storage.database import Database
 from chatserver.storage.migrate import ensure_schema
+from chatserver.storage.repository import Repository
 from chatserver.storage.writer import GroupCommitWriter
 
 # Cheap Argon2 parameters for tests only (the default costs 64 MiB and t=3 per hash).
@@ -148,3 +149,22 @@ def add(name: str):
     def job(repo):
         return repo.add_account(name, name.casefold(), "h", 1).id
     return job
+
+
+def break_commits(monkeypatch):
+    """Make the COMMIT of every transaction that stores messages fail, as a full disk or an
+    I/O error would fail it (here: a deferred foreign key the transaction violates, checked
+    only at COMMIT). Returns a function that mends it."""
+    store = Repository.store_messages
+
+    def store_then_break_the_commit(repo, batch, cap=0):
+        outcomes = store(repo, batch, cap)
+        cur = repo.conn.connection.driver_connection.cursor()
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS parent (id INTEGER PRIMARY KEY)")
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS child (parent_id INTEGER REFERENCES"
+                    " parent (id) DEFERRABLE INITIALLY DEFERRED)")
+        cur.execute("INSERT INTO child VALUES (42)")
+        return outcomes
+
+    monkeypatch.setattr(Repository, "store_messages", store_then_break_the_commit)
+    return lambda: monkeypatch.setattr(Repository, "store_messages", store)

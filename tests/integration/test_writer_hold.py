@@ -17,10 +17,9 @@ import pytest
 from chatserver.domain import SendOutcome
 from chatserver.errors import NoSuchAccount, ShuttingDown, StorageUnavailable
 from chatserver.service import ChatService
-from chatserver.storage.repository import Repository
 from chatserver.storage.writer import GroupCommitWriter
 
-from .conftest import PASSWORD, Held, add, committed_names
+from .conftest import PASSWORD, Held, add, break_commits, committed_names
 
 WAIT = 30  # seconds; only a bound on hangs, never an assertion about speed
 
@@ -211,18 +210,7 @@ def test_a_failed_commit_of_held_sends_refuses_them_all_and_stores_nothing(
     service = ChatService(db, writer, hasher)
     alice = service.register("Alice", PASSWORD)
     bob = service.register("Bob", PASSWORD)
-    store = Repository.store_messages
-
-    def store_then_break_the_commit(repo, batch, cap=0):
-        outcomes = store(repo, batch, cap)
-        cur = repo.conn.connection.driver_connection.cursor()
-        cur.execute("CREATE TEMP TABLE IF NOT EXISTS parent (id INTEGER PRIMARY KEY)")
-        cur.execute("CREATE TEMP TABLE IF NOT EXISTS child (parent_id INTEGER REFERENCES"
-                    " parent (id) DEFERRABLE INITIALLY DEFERRED)")
-        cur.execute("INSERT INTO child VALUES (42)")
-        return outcomes
-
-    monkeypatch.setattr(Repository, "store_messages", store_then_break_the_commit)
+    mend = break_commits(monkeypatch)
     answers = Answers()
     for i in range(3):
         service.submit_send(alice, "Bob", f"doomed {i}", f"c-{i}", on_done=answers.done(str(i)),
@@ -230,7 +218,7 @@ def test_a_failed_commit_of_held_sends_refuses_them_all_and_stores_nothing(
     writer.release_held()
     assert [type(c[2]) for c in answers.calls] == [StorageUnavailable] * 3
     assert writer.idle
-    monkeypatch.setattr(Repository, "store_messages", store)
+    mend()
     for i in range(3):
         service.submit_send(alice, "Bob", f"kept {i}", f"c-{i}", on_done=answers.done(str(i)),
                             hold=True)

@@ -15,10 +15,9 @@ import pytest
 from chatserver.domain import SendOutcome
 from chatserver.errors import NoSuchAccount, StorageUnavailable
 from chatserver.service import ChatService
-from chatserver.storage.repository import Repository
 from chatserver.storage.writer import GroupCommitWriter
 
-from .conftest import PASSWORD, committed_bodies
+from .conftest import PASSWORD, break_commits, committed_bodies
 
 
 class Done:
@@ -116,18 +115,7 @@ def test_a_failed_commit_refuses_the_send_stores_nothing_and_the_next_one_commit
         db, service, writer, alice, bob, monkeypatch, commits):
     """COMMIT itself fails (here: a deferred foreign key the send's transaction violated,
     checked only at COMMIT, as a full disk or an I/O error would fail it)."""
-    store = Repository.store_messages
-
-    def store_then_break_the_commit(repo, batch, cap=0):
-        outcomes = store(repo, batch, cap)
-        cur = repo.conn.connection.driver_connection.cursor()
-        cur.execute("CREATE TEMP TABLE IF NOT EXISTS parent (id INTEGER PRIMARY KEY)")
-        cur.execute("CREATE TEMP TABLE IF NOT EXISTS child (parent_id INTEGER REFERENCES"
-                    " parent (id) DEFERRABLE INITIALLY DEFERRED)")
-        cur.execute("INSERT INTO child VALUES (42)")
-        return outcomes
-
-    monkeypatch.setattr(Repository, "store_messages", store_then_break_the_commit)
+    mend = break_commits(monkeypatch)
     done = Done(db)
     commits.clear()
     send(service, alice, "doomed", "c-1", done=done)
@@ -135,7 +123,7 @@ def test_a_failed_commit_refuses_the_send_stores_nothing_and_the_next_one_commit
     assert outcome is None and isinstance(error, StorageUnavailable)
     assert committed == []
     assert commits == []  # no commit was reported
-    monkeypatch.setattr(Repository, "store_messages", store)
+    mend()
     # The connection was dropped with its open transaction: a new one serves the next send,
     # and the refused send's client_msg_id is free (nothing of it was kept).
     send(service, alice, "retried", "c-1", done=done)
