@@ -450,9 +450,7 @@ def _groups(batch):
     group: list = []
     group_kind = None
     for item in batch:
-        job_type = type(item[0])
-        kind = getattr(job_type, "bulk_group", job_type) if hasattr(job_type, "run_bulk") \
-            else None
+        kind = _bulk_kind(type(item[0]))
         if group and kind is not None and kind == group_kind:
             group.append(item)
             continue
@@ -464,6 +462,11 @@ def _groups(batch):
         yield group
 
 
+def _bulk_kind(job_type):
+    """The group a bulk job's class belongs to (see ``_groups``); None if not a bulk job."""
+    return getattr(job_type, "bulk_group", job_type) if hasattr(job_type, "run_bulk") else None
+
+
 def _one_atomic_group(batch) -> bool:
     """Whether ``_groups`` would make ``batch`` one group of all-or-nothing bulk jobs."""
     first = type(batch[0][0])
@@ -471,10 +474,8 @@ def _one_atomic_group(batch) -> bool:
         return False
     if len(batch) == 1:
         return True
-    kind = getattr(first, "bulk_group", first)
-    return all(getattr(type(job), "bulk_is_atomic", False)
-               and getattr(type(job), "bulk_group", type(job)) == kind
-               for job, _completion in batch)
+    kind = _bulk_kind(first)
+    return all(_bulk_kind(type(job)) == kind for job, _completion in batch)
 
 
 def _small_journal(batch) -> bool:
