@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from chatserver.client import ServerError
+from chatserver.storage.database import SYNC_LEVELS
 
 from .helpers import PASSWORD, error_code, fetch_everything, integrity_check
 
@@ -54,9 +55,11 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def test_disk_full_refuses_sends_keeps_everything_and_recovers(start_server, small_disk):
+# At both sync levels: at normal the loop commits the sends itself (ChatServer.hold_sends).
+@pytest.mark.parametrize("sync", SYNC_LEVELS)
+def test_disk_full_refuses_sends_keeps_everything_and_recovers(start_server, small_disk, sync):
     db = small_disk / "chat.db"
-    server = start_server("--send-rate", "0", db=db)
+    server = start_server("--send-rate", "0", "--sync", sync, db=db)
     with server.client() as alice, server.client() as bob:
         alice.register("alice", PASSWORD)
         bob.register("bob", PASSWORD)
