@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from chatserver.errors import StorageUnavailable
-from chatserver.storage.repository import Repository
+from chatserver.storage.repository import Repository, sqlite_storage_error
 
 T = TypeVar("T")
 
@@ -98,8 +98,9 @@ def commit_begun(conn) -> None:
     nothing went through SQLAlchemy since (it never learned of the transaction, and its
     Transaction object would cost more than the COMMIT's own work); through SQLAlchemy if
     something did (it then took the transaction over). A failure raises (StorageUnavailable
-    from the driver path or for an operational error, else SQLAlchemy's exception) and
-    leaves the transaction open: the caller discards the connection."""
+    for an operational error, as ``storage_errors`` and ``sqlite_storage_error`` make it;
+    else the database's own exception) and leaves the transaction open: the caller
+    discards the connection."""
     if conn.in_transaction():
         with storage_errors():
             conn.commit()
@@ -108,7 +109,7 @@ def commit_begun(conn) -> None:
     try:
         conn.connection.driver_connection.execute("COMMIT")
     except sqlite3.Error as exc:
-        raise StorageUnavailable(f"the database is unavailable: {exc}") from exc
+        raise sqlite_storage_error(exc) from exc
 
 
 def wait_for_locks(conn, wait: bool) -> None:

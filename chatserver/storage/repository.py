@@ -201,7 +201,7 @@ class WriteCache:
             self.queued.clear()
 
 
-def _sqlite_storage_error(exc: sqlite3.Error) -> Exception:
+def sqlite_storage_error(exc: sqlite3.Error) -> Exception:
     """A raw sqlite3 error as the writer and units of work expect them from SQLAlchemy."""
     if isinstance(exc, sqlite3.OperationalError):
         return StorageUnavailable(f"the database is unavailable: {exc}")
@@ -240,7 +240,7 @@ class Repository:
             try:
                 version = self._cursor().execute("PRAGMA data_version").fetchone()[0]
             except sqlite3.Error as exc:
-                raise _sqlite_storage_error(exc) from exc
+                raise sqlite_storage_error(exc) from exc
             if version != cache.data_version:
                 cache.clear()
                 cache.data_version = version
@@ -434,7 +434,7 @@ class Repository:
             if cache is not None:
                 cache.clear()  # it may hold what was just undone
             if isinstance(exc, sqlite3.Error):
-                raise _sqlite_storage_error(exc) from exc
+                raise sqlite_storage_error(exc) from exc
             raise
 
     def _store_cached(self, cur, cache: WriteCache, batch: Sequence[NewMessage], cap: int
@@ -634,7 +634,7 @@ class Repository:
             try:
                 rows = self._cursor().execute(_SQLITE_UNDELIVERED, (recipient_id, limit)).fetchall()
             except sqlite3.Error as exc:
-                raise _sqlite_storage_error(exc) from exc
+                raise sqlite_storage_error(exc) from exc
             return [StoredMessage(*row) for row in rows]
         rows = self.conn.execute(
             select(*_MESSAGE_COLUMNS)
@@ -688,7 +688,7 @@ class Repository:
             try:
                 return self._cursor().execute(_SQLITE_COUNT_QUEUED, (recipient_id,)).fetchone()[0]
             except sqlite3.Error as exc:
-                raise _sqlite_storage_error(exc) from exc
+                raise sqlite_storage_error(exc) from exc
         return self.conn.execute(
             select(func.count()).select_from(messages).where(messages.c.recipient_id == recipient_id)
         ).scalar_one()
@@ -709,7 +709,7 @@ class Repository:
                 with _sqlite_savepoint(cur, "delete_messages"):
                     deleted = _delete_messages(cur, recipient_id, ids)
             except sqlite3.Error as exc:
-                raise _sqlite_storage_error(exc) from exc
+                raise sqlite_storage_error(exc) from exc
             if cache is not None and recipient_id in cache.queued:
                 cache.queued[recipient_id] -= deleted
             return deleted
