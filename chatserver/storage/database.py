@@ -19,6 +19,13 @@ T = TypeVar("T")
 
 SYNC_LEVELS = ("full", "normal")
 BUSY_TIMEOUT_MS = 30_000  # how long a SQLite writer waits for another process's lock
+# WAL size (pages) at which a commit runs SQLite's automatic checkpoint, which syncs the WAL
+# and then the database file. At --sync normal those are the only syncs a commit ever pays:
+# at SQLite's default of 1,000 pages, ~2 ms every ~250 lone sends, a third of all the time
+# spent in COMMIT. 4,000 pages (a WAL of at most ~16 MiB) makes them 4x rarer. At full
+# every commit syncs the WAL anyway and the checkpoint adds one sync in ~250, so the
+# default stays (BENCHMARKS.md, "What changed").
+AUTOCHECKPOINT_PAGES = {"full": 1000, "normal": 4000}
 # Bound parameters are message bodies and password hashes: never put them in an exception
 # text, which could end up in a log.
 _ENGINE_OPTIONS = {"hide_parameters": True}
@@ -62,6 +69,7 @@ def _configure_sqlite(engine: Engine, sync: str, begin_sql: str) -> None:
         cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA foreign_keys = ON")
         cur.execute(f"PRAGMA synchronous = {sync.upper()}")
+        cur.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES[sync]}")
         cur.close()
 
     @event.listens_for(engine, "begin")

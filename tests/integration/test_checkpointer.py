@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import sqlite3
 
+import pytest
+
 from chatserver.storage.checkpointer import Checkpointer
+from chatserver.storage.database import AUTOCHECKPOINT_PAGES, SYNC_LEVELS, Database
+from chatserver.storage.migrate import ensure_schema
 from chatserver.storage.writer import GroupCommitWriter
 from tests.e2e.helpers import wait_until
 
 PAGE = 4096
-AUTOCHECKPOINT_PAGES = 1000  # SQLite's default, which the writer keeps
 
 
 def names_in_main_file(path: str) -> set[str]:
@@ -55,15 +58,38 @@ def test_a_poke_copies_committed_rows_into_the_database_file(db):
         writer.close()
 
 
-def test_the_wal_stays_bounded_while_the_writer_never_pauses(db):
+@pytest.fixture(params=SYNC_LEVELS)
+def db_at_level(request, db_path):
+    database = Database(db_path, sync=request.param)
+    try:
+        ensure_schema(database)
+        yield database
+    finally:
+        database.dispose()
+
+
+def test_connections_checkpoint_automatically_at_their_sync_levels_threshold(db_at_level):
+    """SQLite's default (1,000 pages) at full; 4,000 at normal, where the checkpoint's syncs
+    are the only ones a commit pays."""
+    expected = {"full": 1000, "normal": 4000}[db_at_level.sync]
+    assert AUTOCHECKPOINT_PAGES[db_at_level.sync] == expected
+    for engine in (db_at_level.write_engine, db_at_level.read_engine):
+        with engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            assert raw.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == expected
+
+
+def test_the_wal_stays_bounded_while_the_writer_never_pauses(db_at_level):
     """A passive checkpoint alone never lets the WAL restart under a writer that never
     pauses; the writer's own automatic checkpoint must still bound it."""
+    db = db_at_level
+    threshold = AUTOCHECKPOINT_PAGES[db.sync]
     db.enable_wal()
     checkpointer = Checkpointer(db.write_engine, interval=0.001)
     writer = GroupCommitWriter(db.write_engine, on_commit=lambda _n, _s: checkpointer.poke())
     largest = 0
     try:
-        for i in range(3000):  # >= 2 pages a commit: 6,000+ pages, 6x the threshold
+        for i in range(3 * threshold):  # >= 2 pages a commit: 6x the threshold
             writer.run(add(f"user{i}", hash_size=200))
             if i % 100 == 0:
                 largest = max(largest, os.path.getsize(db.path + "-wal"))
@@ -72,7 +98,7 @@ def test_the_wal_stays_bounded_while_the_writer_never_pauses(db):
     finally:
         writer.close()
         checkpointer.close()
-    assert largest <= 3 * AUTOCHECKPOINT_PAGES * (PAGE + 24)
+    assert largest <= 3 * threshold * (PAGE + 24)
 
 
 def test_close_stops_the_thread_and_can_be_called_twice(db):
