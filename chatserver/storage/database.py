@@ -120,6 +120,20 @@ def commit_begun(conn) -> None:
         raise sqlite_storage_error(exc) from exc
 
 
+def rollback_begun(conn) -> None:
+    """SQLite: roll back the transaction ``try_begin_now`` opened, as ``commit_begun`` would
+    commit it (errors likewise: the caller then discards the connection)."""
+    if conn.in_transaction():
+        with storage_errors():
+            conn.rollback()
+        return
+    conn.info.pop(_BEGUN, None)
+    try:
+        conn.connection.driver_connection.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        raise sqlite_storage_error(exc) from exc
+
+
 def wait_for_locks(conn, wait: bool) -> None:
     """SQLite: whether statements on ``conn`` wait up to BUSY_TIMEOUT_MS for another
     connection's lock (every connection's default) or fail at once. Put it back before the

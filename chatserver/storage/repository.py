@@ -208,19 +208,33 @@ def sqlite_storage_error(exc: sqlite3.Error) -> Exception:
     return exc
 
 
+class TransactionSpoiled(Exception):
+    """A repository that owns its transaction wrote part of a batch, then met a key
+    violation that the careful path would turn into refusals (a ``client_msg_id`` of an
+    earlier transaction, a stale cache). Without a savepoint that part cannot be undone
+    alone: roll the whole transaction back and store the batch again in a transaction with
+    savepoints (a ``Repository`` that does not own it). Nothing is stored twice."""
+
+
 class Repository:
     """Accounts and undelivered messages, read and written through ``conn``.
 
     ``cache`` is given by the group-commit writer only: the repository of one of its
     transactions may then trust what earlier transactions learned (see ``WriteCache``).
+    ``owns_transaction``: see ``TransactionSpoiled``.
     """
 
-    def __init__(self, conn: Connection, cache: WriteCache | None = None):
+    def __init__(self, conn: Connection, cache: WriteCache | None = None, *,
+                 owns_transaction: bool = False):
         self.conn = conn
         self._sqlite = conn.dialect.name == "sqlite"
         self._cache = cache if self._sqlite else None
         self._cache_checked = False
         self._raw_cursor = None
+        # The caller rolls the whole transaction back if a write of this repository fails,
+        # and nothing but this repository's writes is in it: a batch then needs no
+        # savepoint to be all or nothing (see TransactionSpoiled).
+        self._owns_transaction = owns_transaction
 
     def _cursor(self):
         """A DBAPI cursor on this connection, inside the caller's transaction."""
@@ -390,7 +404,8 @@ class Repository:
         Refusals, checked in this order: unknown recipient, sender deleted meanwhile, a
         duplicate ``client_msg_id`` (the earlier message id is returned and nothing is
         stored), recipient's queue at ``cap`` (0 = no cap). All or nothing: on an exception
-        nothing of the batch is stored, so the writer needs no savepoint around it.
+        nothing of the batch is stored, so the writer needs no savepoint around it (with
+        ``owns_transaction``, once the caller has rolled back, as it must).
 
         In the writer's transactions on SQLite, the cheap path (``_store_cached``) is tried
         first. On PostgreSQL another process (a second server, ``chat admin``) can commit
@@ -416,11 +431,21 @@ class Repository:
         A raw savepoint (a few microseconds, unlike SQLAlchemy's) makes the batch all or
         nothing. If the cached path meets a key violation (a client_msg_id used in an
         earlier batch, or a cached account that no longer exists) its work is undone, the
-        cache dropped, and the batch checked the careful way.
+        cache dropped, and the batch checked the careful way. A repository that owns its
+        transaction takes no savepoint: its caller rolls back on failure, and the key
+        violation is TransactionSpoiled.
         """
         cache = self._valid_cache()
         cur = self._cursor()
         try:
+            if cache is not None and self._owns_transaction:
+                # No savepoint (two of a lone send's seven statements): on any failure the
+                # caller rolls back the transaction, which holds this batch alone.
+                try:
+                    return self._store_cached(cur, cache, batch, cap)
+                except sqlite3.IntegrityError as exc:
+                    raise TransactionSpoiled(
+                        "a key violation in a batch stored without a savepoint") from exc
             with _sqlite_savepoint(cur, "store_messages"):
                 if cache is None:
                     return self._store_messages_once(batch, cap)

@@ -35,11 +35,12 @@ from chatserver.errors import ChatError, ShuttingDown, StorageUnavailable
 from chatserver.storage.database import (
     commit_begun,
     journal_in_memory,
+    rollback_begun,
     storage_errors,
     try_begin_now,
     wait_for_locks,
 )
-from chatserver.storage.repository import Repository, WriteCache
+from chatserver.storage.repository import Repository, TransactionSpoiled, WriteCache
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -244,8 +245,9 @@ class GroupCommitWriter:
 
     def _execute_inline(self, batch) -> bool:
         """Commit jobs on the calling thread (``_db_lock`` held) if the database's write
-        lock is free now; False if it is not (nothing done). SQLite only: elsewhere the
-        lock cannot be tried without waiting, and the jobs go to the writer thread."""
+        lock is free now; False if it is not, or if they must be done again with savepoints
+        (TransactionSpoiled): nothing done, they are the writer thread's. SQLite only:
+        elsewhere the lock cannot be tried without waiting."""
         if not self._inline_capable:
             return False
         try:
@@ -255,47 +257,60 @@ class GroupCommitWriter:
         except Exception:  # let the writer thread meet (and report) the failure
             return False
         if _one_atomic_group(batch):
-            self._commit_atomic(batch)
-        else:
-            self._execute(batch, begun=True)
+            return self._commit_atomic(batch)
+        self._execute(batch, begun=True)
         return True
 
-    def _commit_atomic(self, batch) -> None:
+    def _commit_atomic(self, batch) -> bool:
         """Commit jobs of one all-or-nothing bulk group (sends: a lone one, or a turn's held
         ones) in the transaction ``try_begin_now`` opened, without SQLAlchemy's transaction
         object: its events, context managers and bookkeeping cost a lone send more than its
-        two INSERTs do (58 -> 45 us a send in-process; BENCHMARKS.md). Errors as in
-        ``_commit_batch``: a job's own refusal is its result, the group's failure (a
-        ChatError it raised) every job's, and a failed database fails them all and drops
-        the connection."""
+        two INSERTs do (58 -> 45 us a send in-process; BENCHMARKS.md). The group is the
+        whole transaction, so its repository owns it: no savepoint, and a failed group is
+        rolled back rather than committed. Errors as in ``_commit_batch``: a job's own
+        refusal is its result, the group's failure (a ChatError it raised) every job's, and
+        a failed database fails them all and drops the connection. False (nothing done)
+        if the group must be stored again with savepoints (TransactionSpoiled)."""
         started = time.perf_counter()
         conn = self._conn
         jobs = [job for job, _completion in batch]
+        repo = Repository(conn, self._cache, owns_transaction=True)
         try:
-            ok, value = _atomic(lambda: type(jobs[0]).run_bulk(Repository(conn, self._cache), jobs))
-            commit_begun(conn)
+            try:
+                ok, value = _atomic(lambda: type(jobs[0]).run_bulk(repo, jobs))
+            except TransactionSpoiled:
+                rollback_begun(conn)
+                return False
+            if ok:
+                commit_begun(conn)
+            else:
+                rollback_begun(conn)  # what the group wrote before it failed
         except Exception as exc:
             self._failed(batch, exc)
-            return
+            return True
+        seconds = time.perf_counter() - started
         if not ok:
             self._cache.clear()  # as _commit_batch: it may have cached what was undone
             value = [value] * len(batch)
-        self._report_commit(len(batch), started)
         # Several jobs' replies are held and sent together, as _commit_batch does; a lone
-        # job's reply goes at once.
+        # job's reply goes at once, before the commit is reported (metrics, checkpointer),
+        # which its client need not wait for.
         with self.results_context() if len(batch) > 1 else nullcontext():
             for (_job, completion), result in zip(batch, value):
                 if isinstance(result, Exception):  # the job's refusal
                     completion.set_exception(result)
                 else:
                     completion.set_result(result)
+        if ok:
+            self._report_commit(len(batch), seconds)
+        return True
 
-    def _report_commit(self, jobs: int, started: float) -> None:
-        """Tell ``on_commit`` (metrics) of a commit. Its failure is logged, never raised: the
-        jobs are committed, and their callbacks must still be told so."""
+    def _report_commit(self, jobs: int, seconds: float) -> None:
+        """Tell ``on_commit`` (metrics) of a commit that took ``seconds``. Its failure is
+        logged, never raised: the jobs are committed, and their callbacks must be told so."""
         if self._on_commit is not None:
             try:
-                self._on_commit(jobs, time.perf_counter() - started)
+                self._on_commit(jobs, seconds)
             except Exception:
                 log.exception("on_commit failed")
 
@@ -389,7 +404,7 @@ class GroupCommitWriter:
                     else:
                         self._cache.clear()  # it may have cached what was just undone
                         results.extend(_Failed(value) for _ in group)
-        self._report_commit(len(batch), started)
+        self._report_commit(len(batch), time.perf_counter() - started)
         with self.results_context():
             for future, result in zip(futures, results):
                 if type(result) is _Failed:
@@ -495,11 +510,12 @@ def _small_journal(batch) -> bool:
 
 
 def _atomic(run) -> tuple[bool, Any]:
-    """Like ``_in_savepoint`` without the savepoint, for a job that undoes its own work."""
+    """Like ``_in_savepoint`` without the savepoint, for a job that undoes its own work (or
+    whose transaction is rolled back if it fails: ``_commit_atomic``)."""
     try:
         return True, run()
     except Exception as exc:
-        if _is_storage_failure(exc):
+        if _is_storage_failure(exc) or isinstance(exc, TransactionSpoiled):
             raise
         if not isinstance(exc, ChatError):
             log.exception("write job failed", exc_info=exc)

@@ -9,6 +9,7 @@ exactly the outcome the careful, uncached path would give.
 from __future__ import annotations
 
 import sqlite3
+import threading
 
 import pytest
 
@@ -91,6 +92,41 @@ def test_deletion_the_cache_cannot_see_is_caught_by_the_foreign_keys(service, db
     service.register("Bob", PASSWORD)
     with pytest.raises(InvalidCredentials):
         service.send(alice, "Bob", "from beyond")
+
+
+def inline_send(service, sender, to: str, body: str):
+    """A lone send as the I/O loop submits it (inline when the writer is idle): its
+    outcome, or its refusal raised, once answered (inline or by the writer thread)."""
+    answered = threading.Event()
+    answer = []
+
+    def done(outcome, error):
+        answer.append((outcome, error))
+        answered.set()
+
+    service.submit_send(sender, to, body, on_done=done, inline_if_idle=True)
+    assert answered.wait(WAIT)
+    outcome, error = answer[0]
+    if error is not None:
+        raise error
+    return outcome
+
+
+def test_deletion_the_cache_cannot_see_spoils_an_inline_send_which_is_then_redone(
+        service, db, writer, alice, bob):
+    """Inline, a send is stored without a savepoint: the foreign key's refusal rolls its
+    transaction back, and the writer thread redoes it the careful way."""
+    inline_send(service, alice, "Bob", "warm the cache")
+    writer.run(lambda repo: repo.conn.exec_driver_sql(
+        "DELETE FROM messages WHERE recipient_id = ?", (bob.id,)))
+    writer.run(lambda repo: repo.conn.exec_driver_sql(
+        "DELETE FROM accounts WHERE id = ?", (bob.id,)))
+    with pytest.raises(NoSuchAccount):
+        inline_send(service, alice, "Bob", "to nobody")
+    assert count(db, "SELECT count(*) FROM messages") == 0
+    new_bob = service.register("Bob", PASSWORD)
+    assert inline_send(service, alice, "Bob", "to the new Bob").recipient_id == new_bob.id
+    assert count(db, "SELECT count(*) FROM messages") == 1
 
 
 def test_batch_with_a_stale_entry_still_stores_the_others(service, db, writer, alice, bob):

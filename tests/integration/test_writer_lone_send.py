@@ -1,6 +1,7 @@
 """A lone send committed inline (``GroupCommitWriter._commit_atomic``): its transaction is
-begun and committed on the driver connection, without SQLAlchemy's transaction object,
-unless the send went through SQLAlchemy (the careful path), which then commits it.
+begun and committed on the driver connection, without SQLAlchemy's transaction object
+(unless a job went through SQLAlchemy, which then commits it), and without a savepoint:
+a job that fails is rolled back with the whole transaction.
 
 Every outcome is checked from another connection: committed before ``done`` ran, or not at
 all. SQLAlchemy's own "commit" event tells which of the two commits was taken.
@@ -17,7 +18,9 @@ from chatserver.errors import NoSuchAccount, StorageUnavailable
 from chatserver.service import ChatService
 from chatserver.storage.writer import GroupCommitWriter
 
-from .conftest import PASSWORD, break_commits, committed_bodies
+from tests.e2e.helpers import wait_until
+
+from .conftest import PASSWORD, break_commits, committed_bodies, committed_names
 
 
 class Done:
@@ -78,28 +81,98 @@ def test_a_lone_send_is_committed_on_the_driver_before_done_runs(
     assert writer.idle
 
 
-def test_a_send_that_takes_the_careful_path_is_committed_through_sqlalchemy(
+def test_a_lone_send_repeating_an_earlier_client_msg_id_is_stored_again_by_the_writer_thread(
         db, service, writer, alice, bob, sqlalchemy_commits):
-    """A client_msg_id of an earlier commit fails the cached insert (its receipt exists);
-    the batch is redone with Core statements, so SQLAlchemy owns the transaction."""
+    """Inline, a lone send is stored without a savepoint. A client_msg_id of an earlier
+    commit fails its receipt's insert (the cached path does not look receipts up): the
+    transaction is rolled back, and the writer thread stores the send again with
+    savepoints, the careful way, through SQLAlchemy. A duplicate; nothing stored twice."""
     done = Done(db)
     send(service, alice, "first", "c-1", done=done)
     first = done.last[0]
     send(service, alice, "first again", "c-1", done=done)
-    outcome, error, _, committed = done.last
+    wait_until(lambda: len(done.calls) == 2, what="the repeated send's answer")
+    outcome, error, thread, committed = done.last
     assert error is None and outcome.duplicate and outcome.message_id == first.message_id
+    assert thread != threading.get_ident()  # the writer thread's
     assert committed == ["first"]
     assert sqlalchemy_commits == [1]
+    wait_until(lambda: writer.idle, what="the writer idle")
     # Nothing is left open: the next lone send commits inline on the driver again, and
     # the writer thread's own transactions still work.
     send(service, alice, "second", "c-2", done=done)
-    assert done.last[1] is None and done.last[3] == ["first", "second"]
+    assert done.last[1] is None and done.last[2] == threading.get_ident()
+    assert done.last[3] == ["first", "second"]
     assert sqlalchemy_commits == [1]
     # (in a transaction of their own, BEGIN IMMEDIATE, not in autocommit mode)
     assert writer.submit(InTransaction()).result() is True
     writer.run(lambda repo: repo.add_account("Carol", "carol", "h", 1))
     send(service, alice, "third", to="Carol", done=done)
     assert done.last[1] is None and done.last[3] == ["first", "second", "third"]
+
+
+class AddAccounts:
+    """An all-or-nothing bulk job that writes through SQLAlchemy (``add_account`` is Core),
+    which then owns the transaction ``try_begin_now`` opened; with ``fail``, it raises
+    after writing."""
+
+    bulk_is_atomic = True
+
+    def __init__(self, name: str, fail: bool = False):
+        self.name, self.fail = name, fail
+
+    @staticmethod
+    def run_bulk(repo, jobs):
+        ids = [repo.add_account(job.name, job.name.casefold(), "h", 1).id for job in jobs]
+        if any(job.fail for job in jobs):
+            raise RuntimeError("the job broke after writing")
+        return ids
+
+
+class AddAccountsRaw(AddAccounts):
+    """AddAccounts on the driver connection: SQLAlchemy never learns of the transaction."""
+
+    @staticmethod
+    def run_bulk(repo, jobs):
+        raw = repo.conn.connection.driver_connection
+        ids = [raw.execute("INSERT INTO accounts (name, name_key, password_hash, created_at,"
+                           " last_login_at) VALUES (?, ?, 'h', 1, 1)",
+                           (job.name, job.name.casefold())).lastrowid for job in jobs]
+        if any(job.fail for job in jobs):
+            raise RuntimeError("the job broke after writing")
+        return ids
+
+
+@pytest.mark.parametrize("job_type", [AddAccounts, AddAccountsRaw])
+def test_an_inline_atomic_job_is_committed_whichever_way_it_wrote(
+        db, writer, job_type, sqlalchemy_commits):
+    answers = []
+    writer.submit_callback(job_type("Carol"), lambda r, e: answers.append((r, e)),
+                           inline_if_idle=True)
+    assert len(answers) == 1 and answers[0][1] is None  # inline: answered already
+    assert committed_names(db) == ["Carol"]
+    assert sqlalchemy_commits == ([1] if job_type is AddAccounts else [])
+    assert writer.idle
+
+
+@pytest.mark.parametrize("job_type", [AddAccounts, AddAccountsRaw])
+def test_an_inline_atomic_job_that_fails_after_writing_is_rolled_back(
+        db, writer, job_type, sqlalchemy_commits):
+    """Its repository owns the transaction and took no savepoint: the rollback of the
+    whole transaction undoes what it wrote. Its caller is told the failure."""
+    answers = []
+    writer.submit_callback(job_type("Dave", fail=True), lambda r, e: answers.append((r, e)),
+                           inline_if_idle=True)
+    assert len(answers) == 1
+    result, error = answers[0]
+    assert result is None and isinstance(error, RuntimeError)
+    assert committed_names(db) == []
+    assert sqlalchemy_commits == []
+    assert writer.idle
+    # The connection is usable: the next job commits, inline.
+    writer.submit_callback(job_type("Erin"), lambda r, e: answers.append((r, e)),
+                           inline_if_idle=True)
+    assert answers[1][1] is None and committed_names(db) == ["Erin"]
 
 
 def test_a_refused_lone_send_is_told_and_the_next_one_commits(db, service, alice, bob):
