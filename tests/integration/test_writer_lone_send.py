@@ -17,7 +17,6 @@ from chatserver.domain import SendOutcome
 from chatserver.errors import NoSuchAccount, StorageUnavailable
 from chatserver.service import ChatService
 from chatserver.storage.writer import GroupCommitWriter
-
 from tests.e2e.helpers import wait_until
 
 from .conftest import PASSWORD, break_commits, committed_bodies, committed_names
