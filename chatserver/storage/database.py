@@ -87,17 +87,28 @@ def _configure_sqlite(engine: Engine, sync: str, begin_sql: str) -> None:
 _BEGUN = "chat_begun"  # Connection.info flag: the next begin() is already under way
 
 
-def try_begin_now(conn) -> bool:
-    """SQLite: take the write lock now (BEGIN IMMEDIATE), so that the next ``conn.begin()``
-    runs in it; False, and nothing begun, if another connection holds it. Waits only as long
-    as the connection's busy timeout: for a caller that must not wait (the I/O loop
-    committing a send inline: it would stall every connection), one set to 0 with
-    ``wait_for_locks(conn, False)``."""
+def begin_now(conn) -> None:
+    """SQLite: take the write lock now (BEGIN IMMEDIATE on the driver), so that the next
+    ``conn.begin()`` runs in it, or commit it with ``commit_begun`` without SQLAlchemy's
+    transaction object. Waits for another connection's lock as long as the connection's
+    busy timeout; if that runs out (or the database fails), StorageUnavailable, as
+    ``storage_errors`` makes SQLAlchemy's own BEGIN fail."""
     try:
         conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError:  # SQLITE_BUSY / locked
-        return False
+    except sqlite3.Error as exc:
+        raise sqlite_storage_error(exc) from exc
     conn.info[_BEGUN] = True
+
+
+def try_begin_now(conn) -> bool:
+    """``begin_now``, or False, and nothing begun, if another connection holds the lock
+    (or the database fails). For a caller that must not wait (the I/O loop committing a
+    send inline: it would stall every connection), the connection's busy timeout is set
+    to 0 with ``wait_for_locks(conn, False)``."""
+    try:
+        begin_now(conn)
+    except StorageUnavailable:  # SQLITE_BUSY / locked
+        return False
     return True
 
 

@@ -4,7 +4,9 @@ Why one writer: SQLite allows one writer at a time, and a commit (an fsync with
 synchronous=FULL) costs far more than the statements in it. Jobs that arrive while a commit
 is under way are run together in the next transaction and share its one commit (group
 commit). Each job runs in its own savepoint, so one refused job does not undo the others,
-except bulk jobs that undo their own work (a group of sends). A job's future is resolved
+except bulk jobs that undo their own work (a group of sends); a batch that is nothing but
+one group of sends needs no savepoint at all (a failure rolls back the transaction, which
+holds nothing else: ``_commit_atomic``). A job's future is resolved
 only after the commit that contains it, so whoever waits on it knows its write is durable.
 
 A send submitted while nothing else is being written (``submit_callback`` with the writer
@@ -33,6 +35,7 @@ from sqlalchemy.exc import OperationalError
 
 from chatserver.errors import ChatError, ShuttingDown, StorageUnavailable
 from chatserver.storage.database import (
+    begin_now,
     commit_begun,
     journal_in_memory,
     rollback_begun,
@@ -262,10 +265,11 @@ class GroupCommitWriter:
         return True
 
     def _commit_atomic(self, batch) -> bool:
-        """Commit jobs of one all-or-nothing bulk group (sends: a lone one, or a turn's held
-        ones) in the transaction ``try_begin_now`` opened, without SQLAlchemy's transaction
-        object: its events, context managers and bookkeeping cost a lone send more than its
-        two INSERTs do (58 -> 45 us a send in-process; BENCHMARKS.md). The group is the
+        """Commit jobs of one all-or-nothing bulk group (sends: a lone one, a turn's held
+        ones, or a writer thread's batch of them) in the transaction ``begin_now`` opened,
+        without SQLAlchemy's transaction object: its events, context managers and
+        bookkeeping cost a lone send more than its two INSERTs do (58 -> 45 us a send
+        in-process; BENCHMARKS.md). The group is the
         whole transaction, so its repository owns it: no savepoint, and a failed group is
         rolled back rather than committed. Errors as in ``_commit_batch``: a job's own
         refusal is its result, the group's failure (a ChatError it raised) every job's, and
@@ -338,11 +342,24 @@ class GroupCommitWriter:
 
     def _execute(self, batch, *, begun: bool = False) -> None:
         """Commit a batch and resolve its jobs (with ``_db_lock`` held); ``begun``: its
-        transaction is already open (an inline commit)."""
+        transaction is already open (an inline commit). A batch that is one all-or-nothing
+        group (sends) is committed as an inline one is (``_commit_atomic``, SQLite), unless
+        that is spoiled: then with savepoints, as any other batch."""
+        running = False
         try:
-            conn = self._conn if begun else self._connection(
-                waits=True, memory_journal=_small_journal(batch))
-            self._commit_batch(conn, batch)
+            if begun:
+                conn = self._conn
+            else:
+                conn = self._connection(waits=True, memory_journal=_small_journal(batch))
+                if self._inline_capable and _one_atomic_group(batch):
+                    batch = _running(batch)
+                    running = True
+                    if not batch:
+                        return
+                    begin_now(conn)
+                    if self._commit_atomic(batch):
+                        return
+            self._commit_batch(conn, batch, running=running)
         except Exception as exc:  # the database failed: every job of the batch is refused
             self._failed(batch, exc)
 
@@ -376,9 +393,13 @@ class GroupCommitWriter:
         except Exception:  # noqa: BLE001, S110 - a broken connection may fail to close; drop it
             pass
 
-    def _commit_batch(self, conn, batch) -> None:
+    def _commit_batch(self, conn, batch, *, running: bool = False) -> None:
+        """Commit a batch in SQLAlchemy's transaction, each job or bulk group in a savepoint
+        unless it undoes its own work; ``running``: its cancelled futures are gone already
+        (``_running``)."""
         started = time.perf_counter()
-        batch = [item for item in batch if item[1].set_running_or_notify_cancel()]
+        if not running:
+            batch = _running(batch)
         futures: list[Future] = []
         results: list = []  # per future: its result, or _Failed(exception)
         with storage_errors():
@@ -480,6 +501,11 @@ def _groups(batch):
 def _bulk_kind(job_type):
     """The group a bulk job's class belongs to (see ``_groups``); None if not a bulk job."""
     return getattr(job_type, "bulk_group", job_type) if hasattr(job_type, "run_bulk") else None
+
+
+def _running(batch) -> list:
+    """The jobs of ``batch`` whose futures were not cancelled, now marked running."""
+    return [item for item in batch if item[1].set_running_or_notify_cancel()]
 
 
 def _one_atomic_group(batch) -> bool:

@@ -1,0 +1,83 @@
+"""A writer thread's batch that is one group of sends is committed as an inline send is
+(``GroupCommitWriter._commit_atomic``): BEGIN and COMMIT on the driver, without SQLAlchemy's
+transaction object or savepoints; if a send repeats an earlier commit's client_msg_id the
+transaction is rolled back and the batch stored again with savepoints. ``begin_now`` and
+``try_begin_now`` against another connection's lock.
+
+Batches are formed deterministically: a gate (``Held``) keeps the writer thread busy while
+the sends queue up behind it. What is committed is read from another connection.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from chatserver.errors import StorageUnavailable
+from chatserver.storage.database import (
+    begin_now,
+    rollback_begun,
+    try_begin_now,
+    wait_for_locks,
+)
+
+from .conftest import Held, committed_bodies
+
+WAIT = 30  # seconds; only a bound on hangs
+
+
+def test_a_batch_of_sends_commits_on_the_driver_each_with_its_outcome(
+        db, service, writer, alice, bob, sqlalchemy_commits):
+    with Held(writer):
+        futures = [service.submit_send(alice, "Bob", f"m{i}", f"c-{i}") for i in range(3)]
+        futures.append(service.submit_send(alice, "Nobody", "lost"))
+    outcomes = [f.result(WAIT) for f in futures[:3]]
+    assert [o.duplicate for o in outcomes] == [False] * 3
+    assert outcomes[0].message_id < outcomes[1].message_id < outcomes[2].message_id
+    assert type(futures[3].exception(WAIT)).__name__ == "NoSuchAccount"
+    assert committed_bodies(db) == ["m0", "m1", "m2"]
+    assert sqlalchemy_commits == [1]  # the gate's own batch; the sends' went on the driver
+
+
+def test_a_repeated_client_msg_id_in_a_batch_is_stored_again_with_savepoints(
+        db, service, writer, alice, bob, sqlalchemy_commits):
+    first = service.send(alice, "Bob", "once", "c-1")
+    sqlalchemy_commits.clear()
+    with Held(writer):
+        futures = [service.submit_send(alice, "Bob", "new", "c-2"),
+                   service.submit_send(alice, "Bob", "once again", "c-1")]
+    new, again = (f.result(WAIT) for f in futures)
+    assert not new.duplicate
+    assert again.duplicate and again.message_id == first.message_id
+    assert committed_bodies(db) == ["once", "new"]
+    assert sqlalchemy_commits == [1, 1]  # the gate's batch, then the sends' with savepoints
+
+
+def test_a_cancelled_send_in_a_batch_is_not_stored(db, service, writer, alice, bob):
+    with Held(writer):
+        futures = [service.submit_send(alice, "Bob", f"m{i}", f"c-{i}") for i in range(3)]
+        assert futures[1].cancel()
+    assert futures[0].result(WAIT) and futures[2].result(WAIT)
+    assert futures[1].cancelled()
+    assert committed_bodies(db) == ["m0", "m2"]
+
+
+def test_begin_now_refuses_when_another_connection_holds_the_lock(db):
+    other = sqlite3.connect(db.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with db.write_engine.connect() as conn:
+            wait_for_locks(conn, False)  # a busy timeout of 0: no wait to sit out
+            with pytest.raises(StorageUnavailable, match="locked"):
+                begin_now(conn)
+            assert try_begin_now(conn) is False
+            assert not conn.connection.driver_connection.in_transaction
+            other.execute("COMMIT")
+            assert try_begin_now(conn) is True
+            assert conn.connection.driver_connection.in_transaction
+            rollback_begun(conn)
+            assert not conn.connection.driver_connection.in_transaction
+            wait_for_locks(conn, True)
+    finally:
+        other.close()
