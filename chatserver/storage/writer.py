@@ -260,11 +260,11 @@ class GroupCommitWriter:
         except Exception:  # let the writer thread meet (and report) the failure
             return False
         if _one_atomic_group(batch):
-            return self._commit_atomic(batch)
+            return self._commit_atomic(batch, corked=len(batch) > 1)
         self._execute(batch, begun=True)
         return True
 
-    def _commit_atomic(self, batch) -> bool:
+    def _commit_atomic(self, batch, *, corked: bool) -> bool:
         """Commit jobs of one all-or-nothing bulk group (sends: a lone one, a turn's held
         ones, or a writer thread's batch of them) in the transaction ``begin_now`` opened,
         without SQLAlchemy's transaction object: its events, context managers and
@@ -274,7 +274,10 @@ class GroupCommitWriter:
         rolled back rather than committed. Errors as in ``_commit_batch``: a job's own
         refusal is its result, the group's failure (a ChatError it raised) every job's, and
         a failed database fails them all and drops the connection. False (nothing done)
-        if the group must be stored again with savepoints (TransactionSpoiled)."""
+        if the group must be stored again with savepoints (TransactionSpoiled). ``corked``:
+        the results are resolved inside ``results_context``, as ``_commit_batch`` does,
+        so that their replies and pushes go out together (a lone send's, inline, need not
+        wait)."""
         started = time.perf_counter()
         conn = self._conn
         jobs = [job for job, _completion in batch]
@@ -296,10 +299,9 @@ class GroupCommitWriter:
         if not ok:
             self._cache.clear()  # as _commit_batch: it may have cached what was undone
             value = [value] * len(batch)
-        # Several jobs' replies are held and sent together, as _commit_batch does; a lone
-        # job's reply goes at once, before the commit is reported (metrics, checkpointer),
-        # which its client need not wait for.
-        with self.results_context() if len(batch) > 1 else nullcontext():
+        # Replies go out before the commit is reported (metrics, checkpointer), which their
+        # clients need not wait for.
+        with self.results_context() if corked else nullcontext():
             for (_job, completion), result in zip(batch, value):
                 if isinstance(result, Exception):  # the job's refusal
                     completion.set_exception(result)
@@ -357,7 +359,7 @@ class GroupCommitWriter:
                     if not batch:
                         return
                     begin_now(conn)
-                    if self._commit_atomic(batch):
+                    if self._commit_atomic(batch, corked=True):
                         return
             self._commit_batch(conn, batch, running=running)
         except Exception as exc:  # the database failed: every job of the batch is refused

@@ -11,6 +11,8 @@ the sends queue up behind it. What is committed is read from another connection.
 from __future__ import annotations
 
 import sqlite3
+import threading
+from contextlib import contextmanager
 
 import pytest
 
@@ -21,6 +23,8 @@ from chatserver.storage.database import (
     try_begin_now,
     wait_for_locks,
 )
+from chatserver.storage.writer import GroupCommitWriter
+from tests.e2e.helpers import wait_until
 
 from .conftest import Held, committed_bodies
 
@@ -81,3 +85,41 @@ def test_begin_now_refuses_when_another_connection_holds_the_lock(db):
             wait_for_locks(conn, True)
     finally:
         other.close()
+
+
+class Nothing:
+    """The smallest all-or-nothing bulk job: writes nothing, one result per job."""
+
+    bulk_is_atomic = True
+
+    @staticmethod
+    def run_bulk(_repo, jobs):
+        return ["done"] * len(jobs)
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_a_writer_thread_batch_is_resolved_corked_and_a_lone_inline_job_at_once(db, inline):
+    """On the writer thread even a batch of one job (a chunk of pipelined sends) has its
+    results resolved inside ``results_context``, so that its replies and pushes go out
+    together; a lone job committed inline answers at once."""
+    seen: list[str] = []
+    answered = threading.Event()
+
+    @contextmanager
+    def corked():
+        seen.append("cork")
+        yield
+        seen.append("uncork")
+
+    def done(result, error):
+        seen.append(f"{result} {error}")
+        answered.set()
+
+    writer = GroupCommitWriter(db.write_engine, results_context=corked)
+    try:
+        writer.submit_callback(Nothing(), done, inline_if_idle=inline)
+        assert answered.wait(WAIT)
+        wait_until(lambda: writer.idle, what="the writer idle")
+    finally:
+        writer.close()
+    assert seen == (["done None"] if inline else ["cork", "done None", "uncork"])
