@@ -248,11 +248,12 @@ class GroupCommitWriter:
 
     def _execute_inline(self, batch) -> bool:
         """Commit jobs on the calling thread (``_db_lock`` held) if the database's write
-        lock is free now; False if it is not, or if they must be done again with savepoints
-        (TransactionSpoiled): nothing done, they are the writer thread's. SQLite only:
-        elsewhere the lock cannot be tried without waiting."""
+        lock is free now; False if it is not: nothing done, they are the writer thread's.
+        A group of sends spoiled without savepoints (TransactionSpoiled) is stored again
+        with them. SQLite only: elsewhere the lock cannot be tried without waiting."""
         if not self._inline_capable:
             return False
+        started = time.perf_counter()
         try:
             conn = self._connection(waits=False, memory_journal=_small_journal(batch))
             if not try_begin_now(conn):
@@ -260,11 +261,20 @@ class GroupCommitWriter:
         except Exception:  # let the writer thread meet (and report) the failure
             return False
         if _one_atomic_group(batch):
-            return self._commit_atomic(batch, corked=len(batch) > 1)
+            if self._commit_atomic(batch, corked=len(batch) > 1, started=started):
+                return True
+            # Spoiled and rolled back: stored again here, with savepoints (the writer
+            # thread would first try without them again), unless another process took
+            # the lock meanwhile.
+            try:
+                if not try_begin_now(conn):
+                    return False
+            except Exception:  # noqa: BLE001 - as above: the writer thread reports it
+                return False
         self._execute(batch, begun=True)
         return True
 
-    def _commit_atomic(self, batch, *, corked: bool) -> bool:
+    def _commit_atomic(self, batch, *, corked: bool, started: float) -> bool:
         """Commit jobs of one all-or-nothing bulk group (sends: a lone one, a turn's held
         ones, or a writer thread's batch of them) in the transaction ``begin_now`` opened,
         without SQLAlchemy's transaction object: its events, context managers and
@@ -274,11 +284,12 @@ class GroupCommitWriter:
         rolled back rather than committed. Errors as in ``_commit_batch``: a job's own
         refusal is its result, the group's failure (a ChatError it raised) every job's, and
         a failed database fails them all and drops the connection. False (nothing done)
-        if the group must be stored again with savepoints (TransactionSpoiled). ``corked``:
+        if the group must be stored again with savepoints (TransactionSpoiled). ``started``:
+        when the commit began, for its reported duration (before the BEGIN and its wait
+        for the lock, as ``_commit_batch`` reports it). ``corked``:
         the results are resolved inside ``results_context``, as ``_commit_batch`` does,
         so that their replies and pushes go out together (a lone send's, inline, need not
         wait)."""
-        started = time.perf_counter()
         conn = self._conn
         jobs = [job for job, _completion in batch]
         repo = Repository(conn, self._cache, owns_transaction=True)
@@ -358,8 +369,9 @@ class GroupCommitWriter:
                     running = True
                     if not batch:
                         return
+                    started = time.perf_counter()
                     begin_now(conn)
-                    if self._commit_atomic(batch, corked=True):
+                    if self._commit_atomic(batch, corked=True, started=started):
                         return
             self._commit_batch(conn, batch, running=running)
         except Exception as exc:  # the database failed: every job of the batch is refused
@@ -390,6 +402,7 @@ class GroupCommitWriter:
                 except Exception:  # noqa: BLE001 - then it must not be reused
                     broken = True
             if broken:
+                _roll_back_driver(conn)
                 conn.invalidate()
             conn.close()
         except Exception:  # noqa: BLE001, S110 - a broken connection may fail to close; drop it
@@ -503,6 +516,19 @@ def _groups(batch):
 def _bulk_kind(job_type):
     """The group a bulk job's class belongs to (see ``_groups``); None if not a bulk job."""
     return getattr(job_type, "bulk_group", job_type) if hasattr(job_type, "run_bulk") else None
+
+
+def _roll_back_driver(conn) -> None:
+    """Roll back whatever transaction a connection about to be discarded has open, on the
+    driver. Closing alone is not enough for SQLite: a statement that failed (SQLITE_FULL
+    halfway through an INSERT) stays alive as long as its exception's traceback does, and
+    ``sqlite3_close_v2`` leaves the connection open, write lock and all, until it is
+    finalized. A transaction begun on the driver (``begin_now``) has no SQLAlchemy
+    transaction to roll it back."""
+    try:
+        conn.connection.driver_connection.rollback()
+    except Exception:  # noqa: BLE001, S110 - already broken: closing is all that is left
+        pass
 
 
 def _running(batch) -> list:

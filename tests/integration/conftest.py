@@ -168,3 +168,13 @@ def break_commits(monkeypatch):
 
     monkeypatch.setattr(Repository, "store_messages", store_then_break_the_commit)
     return lambda: monkeypatch.setattr(Repository, "store_messages", store)
+
+
+def trace_statements(writer) -> list[str]:
+    """Every statement the writer's connection runs from now on, in order (SQLite's trace
+    callback, installed by a job on that connection; lost if the connection is replaced)."""
+    statements: list[str] = []
+    writer.run(lambda repo: repo.conn.connection.driver_connection.set_trace_callback(
+        statements.append))
+    statements.clear()  # the installing job's own
+    return statements

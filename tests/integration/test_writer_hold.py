@@ -19,7 +19,7 @@ from chatserver.errors import NoSuchAccount, ShuttingDown, StorageUnavailable
 from chatserver.service import ChatService
 from chatserver.storage.writer import GroupCommitWriter
 
-from .conftest import PASSWORD, Held, add, break_commits, committed_names
+from .conftest import PASSWORD, Held, add, break_commits, committed_names, trace_statements
 
 WAIT = 30  # seconds; only a bound on hangs, never an assertion about speed
 
@@ -229,12 +229,12 @@ def test_a_failed_commit_of_held_sends_refuses_them_all_and_stores_nothing(
     assert [m.body for m in page] == ["kept 0", "kept 1", "kept 2"]
 
 
-def test_held_sends_with_a_client_msg_id_of_an_earlier_commit_go_to_the_writer_thread(
+def test_held_sends_with_a_client_msg_id_of_an_earlier_commit_are_stored_again_with_savepoints(
         db, writer, hasher, commits, sqlalchemy_commits):
     """Held sends are stored without a savepoint; one that repeats an earlier commit's
-    client_msg_id spoils the transaction, which is rolled back: the writer thread stores
-    them all again, in order, with savepoints. Each gets its own outcome, the repeat is a
-    duplicate, and nothing is stored twice."""
+    client_msg_id spoils the transaction, which is rolled back, and they are all stored
+    again, in order, with savepoints, on this thread: two passes, no more. Each gets its
+    own outcome, the repeat is a duplicate, and nothing is stored twice."""
     service = ChatService(db, writer, hasher)
     alice = service.register("Alice", PASSWORD)
     bob = service.register("Bob", PASSWORD)
@@ -243,6 +243,7 @@ def test_held_sends_with_a_client_msg_id_of_an_earlier_commit_go_to_the_writer_t
     service.submit_send(alice, "Bob", "one", "c-1", on_done=answers.done("first"), hold=True)
     writer.release_held()
     first = answers.calls[0][1]
+    statements = trace_statements(writer)
     for name, body, client_msg_id in (("a", "two", "c-2"), ("b", "one again", "c-1"),
                                       ("c", "three", "c-3")):
         service.submit_send(alice, "Bob", body, client_msg_id, on_done=answers.done(name),
@@ -250,14 +251,16 @@ def test_held_sends_with_a_client_msg_id_of_an_earlier_commit_go_to_the_writer_t
     commits.clear()
     sqlalchemy_commits.clear()
     writer.release_held()
-    assert answers.all_in.wait(WAIT)
+    assert answers.all_in.is_set()  # answered before release_held returned
     assert [c[0] for c in answers.calls[1:]] == ["a", "b", "c"]
     assert all(c[2] is None for c in answers.calls)
-    assert all(c[3] != threading.get_ident() for c in answers.calls[1:])  # the writer thread
+    assert all(c[3] == threading.get_ident() for c in answers.calls)
     two, again, three = (c[1] for c in answers.calls[1:])
     assert again.duplicate and again.message_id == first.message_id
     assert not two.duplicate and not three.duplicate
     assert first.message_id < two.message_id < three.message_id
     assert commits == [3] and sqlalchemy_commits == [1]
+    assert statements.count("BEGIN IMMEDIATE") == 2 and statements.count("ROLLBACK") == 1
+    assert statements[-1] == "COMMIT" and any(s.startswith("SAVEPOINT") for s in statements)
     page, _more = service.fetch(bob, 10)
     assert [m.body for m in page] == ["one", "two", "three"]

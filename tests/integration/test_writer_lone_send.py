@@ -19,7 +19,14 @@ from chatserver.service import ChatService
 from chatserver.storage.writer import GroupCommitWriter
 from tests.e2e.helpers import wait_until
 
-from .conftest import PASSWORD, break_commits, committed_bodies, committed_names
+from .conftest import (
+    PASSWORD,
+    add,
+    break_commits,
+    committed_bodies,
+    committed_names,
+    trace_statements,
+)
 
 
 class Done:
@@ -80,23 +87,25 @@ def test_a_lone_send_is_committed_on_the_driver_before_done_runs(
     assert writer.idle
 
 
-def test_a_lone_send_repeating_an_earlier_client_msg_id_is_stored_again_by_the_writer_thread(
+def test_a_lone_send_repeating_an_earlier_client_msg_id_is_stored_again_with_savepoints(
         db, service, writer, alice, bob, sqlalchemy_commits):
     """Inline, a lone send is stored without a savepoint. A client_msg_id of an earlier
     commit fails its receipt's insert (the cached path does not look receipts up): the
-    transaction is rolled back, and the writer thread stores the send again with
-    savepoints, the careful way, through SQLAlchemy. A duplicate; nothing stored twice."""
+    transaction is rolled back, and the send stored again at once with savepoints, the
+    careful way, through SQLAlchemy. A duplicate; nothing stored twice; two passes."""
     done = Done(db)
     send(service, alice, "first", "c-1", done=done)
     first = done.last[0]
+    statements = trace_statements(writer)
+    sqlalchemy_commits.clear()  # the tracing job's
     send(service, alice, "first again", "c-1", done=done)
-    wait_until(lambda: len(done.calls) == 2, what="the repeated send's answer")
     outcome, error, thread, committed = done.last
     assert error is None and outcome.duplicate and outcome.message_id == first.message_id
-    assert thread != threading.get_ident()  # the writer thread's
+    assert thread == threading.get_ident()  # inline, both passes
     assert committed == ["first"]
     assert sqlalchemy_commits == [1]
-    wait_until(lambda: writer.idle, what="the writer idle")
+    assert statements.count("BEGIN IMMEDIATE") == 2 and statements.count("ROLLBACK") == 1
+    assert writer.idle
     # Nothing is left open: the next lone send commits inline on the driver again, and
     # the writer thread's own transactions still work.
     send(service, alice, "second", "c-2", done=done)
@@ -154,24 +163,89 @@ def test_an_inline_atomic_job_is_committed_whichever_way_it_wrote(
     assert writer.idle
 
 
+def submit_and_wait(writer, job, *, inline: bool):
+    """Submit ``job`` as the loop does (inline when the writer is idle) or for the writer
+    thread; its (result, error) once answered, and whether it was answered at once."""
+    answers = []
+    answered = threading.Event()
+
+    def done(result, error):
+        answers.append((result, error))
+        answered.set()
+
+    writer.submit_callback(job, done, inline_if_idle=inline)
+    at_once = answered.is_set()
+    assert answered.wait(30)
+    wait_until(lambda: writer.idle, what="the writer idle")
+    return answers[0], at_once
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "writer-thread"])
 @pytest.mark.parametrize("job_type", [AddAccounts, AddAccountsRaw])
-def test_an_inline_atomic_job_that_fails_after_writing_is_rolled_back(
-        db, writer, job_type, sqlalchemy_commits):
+def test_an_atomic_job_that_fails_after_writing_is_rolled_back(
+        db, writer, job_type, inline, sqlalchemy_commits):
     """Its repository owns the transaction and took no savepoint: the rollback of the
     whole transaction undoes what it wrote. Its caller is told the failure."""
-    answers = []
-    writer.submit_callback(job_type("Dave", fail=True), lambda r, e: answers.append((r, e)),
-                           inline_if_idle=True)
-    assert len(answers) == 1
-    result, error = answers[0]
+    writer.run(lambda repo: None)  # the connection opened, so no commit below is its
+    sqlalchemy_commits.clear()
+    (result, error), at_once = submit_and_wait(writer, job_type("Dave", fail=True),
+                                               inline=inline)
+    assert at_once == inline
     assert result is None and isinstance(error, RuntimeError)
     assert committed_names(db) == []
     assert sqlalchemy_commits == []
-    assert writer.idle
-    # The connection is usable: the next job commits, inline.
-    writer.submit_callback(job_type("Erin"), lambda r, e: answers.append((r, e)),
-                           inline_if_idle=True)
-    assert answers[1][1] is None and committed_names(db) == ["Erin"]
+    # The connection is usable: the next job commits, on the same thread as before.
+    (result, error), at_once = submit_and_wait(writer, job_type("Erin"), inline=inline)
+    assert error is None and at_once == inline and committed_names(db) == ["Erin"]
+
+
+def _lone_send(service, writer, alice):
+    send(service, alice, "hello", "c-1")
+
+
+def _failing_job_through_sqlalchemy(service, writer, alice):
+    submit_and_wait(writer, AddAccounts("Dave", fail=True), inline=True)
+
+
+def _failing_job_on_the_driver(service, writer, alice):
+    submit_and_wait(writer, AddAccountsRaw("Dave", fail=True), inline=True)
+
+
+def _spoiled_lone_send(service, writer, alice):
+    send(service, alice, "hello", "c-1")
+    send(service, alice, "hello again", "c-1")
+
+
+def _writer_thread_sends(service, writer, alice):
+    service.send(alice, "Bob", "hello", "c-1")
+
+
+def _spoiled_writer_thread_sends(service, writer, alice):
+    service.send(alice, "Bob", "hello", "c-1")
+    service.send(alice, "Bob", "hello again", "c-1")
+
+
+def _writer_thread_failing_job(service, writer, alice):
+    submit_and_wait(writer, AddAccountsRaw("Dave", fail=True), inline=False)
+
+
+@pytest.mark.parametrize("scenario", [
+    _lone_send, _failing_job_through_sqlalchemy, _failing_job_on_the_driver,
+    _spoiled_lone_send, _writer_thread_sends, _spoiled_writer_thread_sends,
+    _writer_thread_failing_job])
+def test_after_a_transaction_begun_on_the_driver_the_next_job_has_its_own(
+        db, service, writer, alice, bob, scenario):
+    """However a transaction ``begin_now`` opened ended (committed or rolled back, on the
+    driver or through SQLAlchemy, inline or on the writer thread), nothing of it is left
+    behind: the next plain job runs in a BEGIN IMMEDIATE ... COMMIT of its own (a stale
+    "already begun" mark would make SQLAlchemy skip that BEGIN)."""
+    statements = trace_statements(writer)
+    scenario(service, writer, alice)
+    start = len(statements)
+    writer.run(add("Probe"))
+    ran = [s for s in statements[start:] if not s.startswith("PRAGMA")]  # (its settings)
+    assert ran[0] == "BEGIN IMMEDIATE" and ran[-1] == "COMMIT", ran
+    assert "Probe" in committed_names(db)
 
 
 def test_a_refused_lone_send_is_told_and_the_next_one_commits(db, service, alice, bob):

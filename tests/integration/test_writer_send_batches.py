@@ -26,7 +26,7 @@ from chatserver.storage.database import (
 from chatserver.storage.writer import GroupCommitWriter
 from tests.e2e.helpers import wait_until
 
-from .conftest import Held, committed_bodies
+from .conftest import Held, break_commits, committed_bodies
 
 WAIT = 30  # seconds; only a bound on hangs
 
@@ -123,3 +123,44 @@ def test_a_writer_thread_batch_is_resolved_corked_and_a_lone_inline_job_at_once(
     finally:
         writer.close()
     assert seen == (["done None"] if inline else ["cork", "done None", "uncork"])
+
+
+def test_a_batch_of_sends_that_fills_the_disk_is_refused_and_lets_the_write_lock_go(
+        db, service, writer, alice, bob):
+    """SQLITE_FULL halfway through a writer thread's batch of sends (the connection's
+    max_page_count stands in for a full disk): every send is refused, nothing of the batch
+    is stored, and the dropped connection does not keep SQLite's write lock, even while
+    the refusals are kept (their tracebacks hold the failed statement, which a close alone
+    would wait for). The next send, on a new connection, is stored."""
+    service.send(alice, "Bob", "warm", "c-0")
+    pages = writer.run(lambda repo: repo.conn.exec_driver_sql("PRAGMA page_count").scalar())
+    writer.run(lambda repo: repo.conn.exec_driver_sql(f"PRAGMA max_page_count = {pages + 3}"))
+    with Held(writer):
+        futures = [service.submit_send(alice, "Bob", "x" * 60_000, f"c-{i}") for i in (1, 2, 3)]
+    errors = [future.exception(WAIT) for future in futures]  # kept alive on purpose
+    assert all(isinstance(error, StorageUnavailable) for error in errors), errors
+    wait_until(lambda: writer.idle, what="the writer done with the failed batch")
+    other = sqlite3.connect(db.path, timeout=0)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # "database is locked" if the lock were kept
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    assert not service.send(alice, "Bob", "small", "c-9").duplicate
+    assert committed_bodies(db) == ["warm", "small"]
+
+
+def test_a_failed_commit_of_a_batch_of_sends_refuses_them_all_and_stores_nothing(
+        db, service, writer, alice, bob, monkeypatch):
+    """COMMIT itself fails on the writer thread (a deferred foreign key the transaction
+    violated, as a full disk or an I/O error would fail it)."""
+    mend = break_commits(monkeypatch)
+    with Held(writer):
+        futures = [service.submit_send(alice, "Bob", f"doomed {i}", f"c-{i}") for i in range(3)]
+    assert all(isinstance(f.exception(WAIT), StorageUnavailable) for f in futures)
+    assert committed_bodies(db) == []
+    mend()
+    with Held(writer):
+        futures = [service.submit_send(alice, "Bob", f"kept {i}", f"c-{i}") for i in range(3)]
+    assert not any(f.result(WAIT).duplicate for f in futures)  # nothing of the first kept
+    assert committed_bodies(db) == ["kept 0", "kept 1", "kept 2"]
