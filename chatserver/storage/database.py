@@ -113,34 +113,33 @@ def try_begin_now(conn) -> bool:
 
 
 def commit_begun(conn) -> None:
-    """SQLite: commit the transaction ``try_begin_now`` opened. Straight to the driver when
+    """SQLite: commit the transaction ``begin_now`` opened. Straight to the driver when
     nothing went through SQLAlchemy since (it never learned of the transaction, and its
     Transaction object would cost more than the COMMIT's own work); through SQLAlchemy if
     something did (it then took the transaction over). A failure raises (StorageUnavailable
     for an operational error, as ``storage_errors`` and ``sqlite_storage_error`` make it;
     else the database's own exception) and leaves the transaction open: the caller
     discards the connection."""
-    if conn.in_transaction():
-        with storage_errors():
-            conn.commit()
-        return
-    conn.info.pop(_BEGUN, None)
-    try:
-        conn.connection.driver_connection.execute("COMMIT")
-    except sqlite3.Error as exc:
-        raise sqlite_storage_error(exc) from exc
+    _end_begun(conn, "COMMIT")
 
 
 def rollback_begun(conn) -> None:
-    """SQLite: roll back the transaction ``try_begin_now`` opened, as ``commit_begun`` would
+    """SQLite: roll back the transaction ``begin_now`` opened, as ``commit_begun`` would
     commit it (errors likewise: the caller then discards the connection)."""
+    _end_begun(conn, "ROLLBACK")
+
+
+def _end_begun(conn, statement: str) -> None:
     if conn.in_transaction():
         with storage_errors():
-            conn.rollback()
+            if statement == "COMMIT":
+                conn.commit()
+            else:
+                conn.rollback()
         return
     conn.info.pop(_BEGUN, None)
     try:
-        conn.connection.driver_connection.execute("ROLLBACK")
+        conn.connection.driver_connection.execute(statement)
     except sqlite3.Error as exc:
         raise sqlite_storage_error(exc) from exc
 

@@ -9,6 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chatserver.metrics import FastCounter, Metrics
 
+from .threads import run_on_threads
+
 WAIT = 10  # seconds; a bound on hangs only
 
 
@@ -27,20 +29,13 @@ def test_increments_from_many_threads_are_all_counted():
     of threads that have ended still count."""
     counter = FastCounter("test_events_total", "Events.", CollectorRegistry())
     threads, per_thread = 8, 5000
-    barrier = threading.Barrier(threads)
 
     def work(k: int) -> None:
-        barrier.wait(WAIT)
         for _ in range(per_thread):
             counter.inc()
         counter.inc(k)
 
-    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(WAIT)
-    assert not any(worker.is_alive() for worker in workers)
+    run_on_threads(work, threads)
     assert counter.value == threads * per_thread + sum(range(threads))
     counter.inc(2)  # this thread's own cell adds to theirs
     assert counter.value == threads * per_thread + sum(range(threads)) + 2

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatserver.metrics import FastHistogram, Metrics
 
-WAIT = 10  # seconds; a bound on hangs only
+from .threads import run_on_threads
 
 
 def samples(registry: CollectorRegistry, family_name: str) -> dict[str, float]:
@@ -55,19 +53,12 @@ def test_observations_from_many_threads_are_all_counted():
     registry = CollectorRegistry()
     histogram = FastHistogram("test_jobs", "Jobs.", (1, 10), registry)
     threads, per_thread = 8, 3000
-    barrier = threading.Barrier(threads)
 
-    def work(k: int) -> None:
-        barrier.wait(WAIT)
+    def work(_k: int) -> None:
         for i in range(per_thread):
             histogram.observe(1 if i % 3 else 5)
 
-    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(WAIT)
-    assert not any(worker.is_alive() for worker in workers)
+    run_on_threads(work, threads)
     histogram.observe(50)  # this thread's own cell adds to theirs
     found = samples(registry, "test_jobs")
     ones = threads * (per_thread - per_thread // 3)
