@@ -279,17 +279,18 @@ class GroupCommitWriter:
         ones, or a writer thread's batch of them) in the transaction ``begin_now`` opened,
         without SQLAlchemy's transaction object: its events, context managers and
         bookkeeping cost a lone send more than its two INSERTs do (58 -> 45 us a send
-        in-process; BENCHMARKS.md). The group is the
-        whole transaction, so its repository owns it: no savepoint, and a failed group is
-        rolled back rather than committed. Errors as in ``_commit_batch``: a job's own
-        refusal is its result, the group's failure (a ChatError it raised) every job's, and
-        a failed database fails them all and drops the connection. False (nothing done)
-        if the group must be stored again with savepoints (TransactionSpoiled). ``started``:
-        when the commit began, for its reported duration (before the BEGIN and its wait
-        for the lock, as ``_commit_batch`` reports it). ``corked``:
-        the results are resolved inside ``results_context``, as ``_commit_batch`` does,
-        so that their replies and pushes go out together (a lone send's, inline, need not
-        wait)."""
+        in-process; BENCHMARKS.md). The group is the whole transaction, so its repository
+        owns it: no savepoint, and a failed group is rolled back rather than committed.
+
+        Errors as in ``_commit_batch``: a job's own refusal is its result, the group's
+        failure (a ChatError it raised) every job's, and a failed database fails them all
+        and drops the connection. False (nothing done) if the group must be stored again
+        with savepoints (TransactionSpoiled).
+
+        ``started``: when the commit began, for its reported duration (before the BEGIN and
+        its wait for the lock, as ``_commit_batch`` reports it). ``corked``: the results are
+        resolved inside ``results_context``, as ``_commit_batch`` does, so that their
+        replies and pushes go out together (a lone send's, inline, need not wait)."""
         conn = self._conn
         jobs = [job for job, _completion in batch]
         repo = Repository(conn, self._cache, owns_transaction=True)
