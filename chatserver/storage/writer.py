@@ -254,11 +254,7 @@ class GroupCommitWriter:
         if not self._inline_capable:
             return False
         started = time.perf_counter()
-        try:
-            conn = self._connection(waits=False, memory_journal=_small_journal(batch))
-            if not try_begin_now(conn):
-                return False
-        except Exception:  # let the writer thread meet (and report) the failure
+        if not self._begin_inline(batch):
             return False
         if _one_atomic_group(batch):
             if self._commit_atomic(batch, corked=len(batch) > 1, started=started):
@@ -266,13 +262,20 @@ class GroupCommitWriter:
             # Spoiled and rolled back: stored again here, with savepoints (the writer
             # thread would first try without them again), unless another process took
             # the lock meanwhile.
-            try:
-                if not try_begin_now(conn):
-                    return False
-            except Exception:  # noqa: BLE001 - as above: the writer thread reports it
+            if not self._begin_inline(batch):
                 return False
         self._execute(batch, begun=True)
         return True
+
+    def _begin_inline(self, batch) -> bool:
+        """BEGIN IMMEDIATE on the writer's connection, set up for an inline commit of
+        ``batch`` (no wait for another process's lock); False if that cannot be done now.
+        Any failure is left for the writer thread to meet and report."""
+        try:
+            conn = self._connection(waits=False, memory_journal=_small_journal(batch))
+            return try_begin_now(conn)
+        except Exception:  # noqa: BLE001 - the writer thread reports it
+            return False
 
     def _commit_atomic(self, batch, *, corked: bool, started: float) -> bool:
         """Commit jobs of one all-or-nothing bulk group (sends: a lone one, a turn's held
