@@ -592,18 +592,21 @@ class ChatConnection:
 
     def _submit_send(self, event: Send, slot: list) -> None:
         """A lone send: the plainest path, and the only one committed on the loop thread:
-        held for the turn's end (``hold_sends``), or at once when the writer is idle and
-        nothing else is ready (see ``_alone``), for a client waiting for each reply."""
+        at once when the writer is idle and nothing else is ready (see ``_alone``), for a
+        client waiting for each reply; else held for the turn's end (``hold_sends``), to
+        share a commit with the other connections' sends of this turn."""
         account = self.account  # once: another thread may log us out meanwhile
         request_id = event.request_id
         try:
             if account is None:
                 raise NotLoggedIn("log in first")
-            hold = self.server.hold_sends and threading.get_ident() == self.loop.thread_id
+            alone = self._alone()
+            hold = (not alone and self.server.hold_sends
+                    and threading.get_ident() == self.loop.thread_id)
             self.server.service.submit_send(
                 account, event.to, event.body, event.client_msg_id,
                 on_done=lambda outcome, error: self._send_done(request_id, slot, outcome, error),
-                inline_if_idle=not hold and self._alone(), hold=hold)
+                inline_if_idle=alone, hold=hold)
         except ChatError as exc:
             self._send_done(request_id, slot, None, exc)
         except Exception:  # the slot must be filled whatever happens, or replies stop here
