@@ -148,6 +148,9 @@ def _insert_rows(cur, insert: str, rows: Sequence[tuple]) -> None:
     """Insert ``rows`` (tuples of equal length) in a few multi-row statements, in order."""
     head = insert + " VALUES "
     width = len(rows[0])
+    if len(rows) == 1:  # a lone send's: no chunks to cut, no values to flatten
+        cur.execute(_sized_sql(head, width, 1), rows[0])
+        return
     for start, size in _power_of_two_chunks(len(rows)):
         cur.execute(_sized_sql(head, width, size),
                     [value for row in rows[start:start + size] for value in row])
