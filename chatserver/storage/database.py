@@ -87,32 +87,36 @@ def _configure_sqlite(engine: Engine, sync: str, begin_sql: str) -> None:
 _BEGUN = "chat_begun"  # Connection.info flag: the next begin() is already under way
 
 
-def begin_now(conn) -> None:
+def begin_now(conn, cursor=None) -> None:
     """SQLite: take the write lock now (BEGIN IMMEDIATE on the driver), so that the next
     ``conn.begin()`` runs in it, or commit it with ``commit_begun`` without SQLAlchemy's
     transaction object. Waits for another connection's lock as long as the connection's
     busy timeout; if that runs out (or the database fails), StorageUnavailable, as
-    ``storage_errors`` makes SQLAlchemy's own BEGIN fail."""
+    ``storage_errors`` makes SQLAlchemy's own BEGIN fail.
+
+    ``cursor``: a DBAPI cursor of ``conn`` to run it on, for a caller that keeps one (the
+    writer: finding the driver connection through SQLAlchemy each time costs more than
+    the statement's own Python). The same goes for the functions below."""
     try:
-        conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
+        _driver(conn, cursor).execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
         raise sqlite_storage_error(exc) from exc
     conn.info[_BEGUN] = True
 
 
-def try_begin_now(conn) -> bool:
+def try_begin_now(conn, cursor=None) -> bool:
     """``begin_now``, or False, and nothing begun, if another connection holds the lock
     (or the database fails). For a caller that must not wait (the I/O loop committing a
     send inline: it would stall every connection), the connection's busy timeout is set
     to 0 with ``wait_for_locks(conn, False)``."""
     try:
-        begin_now(conn)
+        begin_now(conn, cursor)
     except StorageUnavailable:  # SQLITE_BUSY / locked
         return False
     return True
 
 
-def commit_begun(conn) -> None:
+def commit_begun(conn, cursor=None) -> None:
     """SQLite: commit the transaction ``begin_now`` opened. Straight to the driver when
     nothing went through SQLAlchemy since (it never learned of the transaction, and its
     Transaction object would cost more than the COMMIT's own work); through SQLAlchemy if
@@ -120,16 +124,21 @@ def commit_begun(conn) -> None:
     for an operational error, as ``storage_errors`` and ``sqlite_storage_error`` make it;
     else the database's own exception) and leaves the transaction open: the caller
     discards the connection."""
-    _end_begun(conn, "COMMIT")
+    _end_begun(conn, "COMMIT", cursor)
 
 
-def rollback_begun(conn) -> None:
+def rollback_begun(conn, cursor=None) -> None:
     """SQLite: roll back the transaction ``begin_now`` opened, as ``commit_begun`` would
     commit it (errors likewise: the caller then discards the connection)."""
-    _end_begun(conn, "ROLLBACK")
+    _end_begun(conn, "ROLLBACK", cursor)
 
 
-def _end_begun(conn, statement: str) -> None:
+def _driver(conn, cursor):
+    """What runs a statement straight on ``conn``'s driver: ``cursor`` if given."""
+    return conn.connection.driver_connection if cursor is None else cursor
+
+
+def _end_begun(conn, statement: str, cursor) -> None:
     if conn.in_transaction():
         with storage_errors():
             if statement == "COMMIT":
@@ -139,7 +148,7 @@ def _end_begun(conn, statement: str) -> None:
         return
     conn.info.pop(_BEGUN, None)
     try:
-        conn.connection.driver_connection.execute(statement)
+        _driver(conn, cursor).execute(statement)
     except sqlite3.Error as exc:
         raise sqlite_storage_error(exc) from exc
 

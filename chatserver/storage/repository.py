@@ -228,12 +228,12 @@ class Repository:
     """
 
     def __init__(self, conn: Connection, cache: WriteCache | None = None, *,
-                 owns_transaction: bool = False):
+                 owns_transaction: bool = False, cursor=None):
         self.conn = conn
         self._sqlite = conn.dialect.name == "sqlite"
         self._cache = cache if self._sqlite else None
         self._cache_checked = False
-        self._raw_cursor = None
+        self._raw_cursor = cursor  # a DBAPI cursor of conn, if the caller keeps one
         # The caller rolls the whole transaction back if a write of this repository fails,
         # and nothing but this repository's writes is in it: a batch then needs no
         # savepoint to be all or nothing (see TransactionSpoiled).

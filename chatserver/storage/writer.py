@@ -78,6 +78,7 @@ class GroupCommitWriter:
         self._holder: int | None = None
         self._db_lock = threading.Lock()  # held by whichever thread writes (see module doc)
         self._conn = None
+        self._cursor = None  # a DBAPI cursor of _conn (SQLite), kept for the hot path
         self._inline_capable = engine.dialect.name == "sqlite"
         # Whether _conn waits out other processes' locks: yes on the writer thread, no for
         # an inline commit. Switched only when the other kind of commit comes, so that a
@@ -273,7 +274,7 @@ class GroupCommitWriter:
         Any failure is left for the writer thread to meet and report."""
         try:
             conn = self._connection(waits=False, memory_journal=_small_journal(batch))
-            return try_begin_now(conn)
+            return try_begin_now(conn, self._cursor)
         except Exception:  # noqa: BLE001 - the writer thread reports it
             return False
 
@@ -296,17 +297,18 @@ class GroupCommitWriter:
         replies and pushes go out together (a lone send's, inline, need not wait)."""
         conn = self._conn
         jobs = [job for job, _completion in batch]
-        repo = Repository(conn, self._cache, owns_transaction=True)
+        cursor = self._cursor
+        repo = Repository(conn, self._cache, owns_transaction=True, cursor=cursor)
         try:
             try:
                 ok, value = _atomic(lambda: type(jobs[0]).run_bulk(repo, jobs))
             except TransactionSpoiled:
-                rollback_begun(conn)
+                rollback_begun(conn, cursor)
                 return False
             if ok:
-                commit_begun(conn)
+                commit_begun(conn, cursor)
             else:
-                rollback_begun(conn)  # what the group wrote before it failed
+                rollback_begun(conn, cursor)  # what the group wrote before it failed
         except Exception as exc:
             self._failed(batch, exc)
             return True
@@ -342,6 +344,8 @@ class GroupCommitWriter:
         only when it changes."""
         if self._conn is None:
             self._conn = self._engine.connect()
+            if self._inline_capable:
+                self._cursor = self._conn.connection.driver_connection.cursor()
             self._conn_waits = True
             self._conn_memory_journal = False
         if self._inline_capable:
@@ -374,7 +378,7 @@ class GroupCommitWriter:
                     if not batch:
                         return
                     started = time.perf_counter()
-                    begin_now(conn)
+                    begin_now(conn, self._cursor)
                     if self._commit_atomic(batch, corked=True, started=started):
                         return
             self._commit_batch(conn, batch, running=running)
@@ -397,6 +401,7 @@ class GroupCommitWriter:
         locks, temporary files on disk), or discard it: a broken one, or one whose settings
         could not be put back (whoever took it next would fail where they should wait)."""
         conn, self._conn = self._conn, None
+        self._cursor = None
         if conn is None:
             return
         try:
@@ -423,7 +428,7 @@ class GroupCommitWriter:
         results: list = []  # per future: its result, or _Failed(exception)
         with storage_errors():
             with conn.begin():
-                repo = Repository(conn, self._cache)
+                repo = Repository(conn, self._cache, cursor=self._cursor)
                 for group in _groups(batch):
                     first = group[0][0]
                     bulk = getattr(type(first), "run_bulk", None)
