@@ -664,8 +664,8 @@ class ChatConnection:
         metrics = self.server.metrics
         if error is None:
             pushed = False
-            if outcome.message is not None:
-                metrics.stored.inc()
+            stored = outcome.message is not None  # else a duplicate: nothing new to push
+            if stored:
                 sessions = self.server.registry.sessions_of(outcome.recipient_id)
                 if sessions:
                     frame = encode_event(Push(message=message_event(outcome.message)))
@@ -675,6 +675,8 @@ class ChatConnection:
                             metrics.pushed.inc()
             self.replies.fill(slot, encode_sent(request_id, outcome.message_id, pushed,
                                                 outcome.duplicate))
+            if stored:  # counted once the reply is out: its client need not wait for it
+                metrics.stored.inc()
             return
         if isinstance(error, ChatError):
             metrics.rejected.labels(error.code).inc()

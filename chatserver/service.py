@@ -73,7 +73,7 @@ class _SendBatch:
 def _store_sends(repo: Repository, jobs: list[_SendJob | _SendBatch]) -> list:
     """``run_bulk`` of both send jobs: one ``store_messages`` for the whole group (all or
     nothing); a _SendJob's result is its outcome, a _SendBatch's the list of its sends'."""
-    if all(type(job) is _SendJob for job in jobs):
+    if _SendBatch not in map(type, jobs):  # (all _SendJob: the common case)
         sends = jobs
     else:
         sends = []

@@ -92,19 +92,21 @@ class Output:
 
         ``raw`` skips encryption (TLS handshake records and alerts).
         """
-        return self._write(lambda: data, raw)
+        return self._write(data, None, raw)
 
     def write_pending(self, take: Callable[[], bytes]) -> bool:
         """Write what ``take()`` returns, calling it under the lock: TLS records that a read
         produced (``TlsSession.take_outgoing``) then go out before any record encrypted
         after them."""
-        return self._write(take, True)
+        return self._write(b"", take, True)
 
-    def _write(self, produce: Callable[[], bytes], raw: bool) -> bool:
+    def _write(self, data: bytes, produce: Callable[[], bytes] | None, raw: bool) -> bool:
+        """``data``, or what ``produce()`` returns under the lock if it is given."""
         with self._lock:
             if self._failed or self._closed:
                 return False
-            data = produce()
+            if produce is not None:
+                data = produce()
             if self.encrypt is not None and not raw:
                 data = self.encrypt(data)
             if not data:
@@ -172,12 +174,15 @@ class Output:
     def _send_locked(self) -> bool:
         """Offer the queue to the socket (lock held); True if the connection just failed."""
         while self._queue and not self._failed and not self._closed:
-            batch, size = [], 0
-            while self._queue and size < WRITE_BATCH_BYTES:
-                chunk = self._queue.popleft()
-                batch.append(chunk)
-                size += len(chunk)
-            data = b"".join(batch) if len(batch) > 1 else batch[0]
+            if len(self._queue) == 1:  # the common case: one reply, written as it comes
+                data = self._queue.popleft()
+            else:
+                batch, size = [], 0
+                while self._queue and size < WRITE_BATCH_BYTES:
+                    chunk = self._queue.popleft()
+                    batch.append(chunk)
+                    size += len(chunk)
+                data = b"".join(batch) if len(batch) > 1 else batch[0]
             try:
                 sent = self._sock.send(data)
             except BlockingIOError:

@@ -301,7 +301,7 @@ class GroupCommitWriter:
         repo = Repository(conn, self._cache, owns_transaction=True, cursor=cursor)
         try:
             try:
-                ok, value = _atomic(lambda: type(jobs[0]).run_bulk(repo, jobs))
+                ok, value = _atomic(type(jobs[0]).run_bulk, repo, jobs)
             except TransactionSpoiled:
                 rollback_begun(conn, cursor)
                 return False
@@ -318,12 +318,11 @@ class GroupCommitWriter:
             value = [value] * len(batch)
         # Replies go out before the commit is reported (metrics, checkpointer), which their
         # clients need not wait for.
-        with self.results_context() if corked else nullcontext():
-            for (_job, completion), result in zip(batch, value):
-                if isinstance(result, Exception):  # the job's refusal
-                    completion.set_exception(result)
-                else:
-                    completion.set_result(result)
+        if corked:
+            with self.results_context():
+                _resolve(batch, value)
+        else:  # (a lone send's reply goes out first, with no context to enter)
+            _resolve(batch, value)
         if ok:
             self._report_commit(len(batch), seconds)
         return True
@@ -572,11 +571,20 @@ def _small_journal(batch) -> bool:
     return pages <= MEMORY_JOURNAL_PAGES
 
 
-def _atomic(run) -> tuple[bool, Any]:
-    """Like ``_in_savepoint`` without the savepoint, for a job that undoes its own work (or
-    whose transaction is rolled back if it fails: ``_commit_atomic``)."""
+def _resolve(batch, results) -> None:
+    """Complete each job of ``batch`` with its result, or its refusal (an exception)."""
+    for (_job, completion), result in zip(batch, results):
+        if isinstance(result, Exception):  # the job's refusal
+            completion.set_exception(result)
+        else:
+            completion.set_result(result)
+
+
+def _atomic(run, *args) -> tuple[bool, Any]:
+    """``run(*args)``, like ``_in_savepoint`` without the savepoint, for a job that undoes
+    its own work (or whose transaction is rolled back if it fails: ``_commit_atomic``)."""
     try:
-        return True, run()
+        return True, run(*args)
     except Exception as exc:
         if _is_storage_failure(exc) or isinstance(exc, TransactionSpoiled):
             raise
