@@ -432,3 +432,36 @@ def test_close_from_many_threads_at_once(db):
     assert errors == []
     with pytest.raises(ShuttingDown):
         writer.submit(add("Bob"))
+
+
+def test_a_commits_reported_duration_includes_its_wait_for_another_process_lock(db, monkeypatch):
+    """``on_commit`` (the chat_commit_seconds metric) gets the time from before BEGIN, so a
+    commit that waited for another process's write lock reports the wait too. The writer's
+    clock is a fake one the test moves while the writer waits, so nothing here is timed."""
+    import chatserver.storage.writer as writer_module
+
+    now = [100.0]
+    read = threading.Event()
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter():
+            read.set()
+            return now[0]
+
+    monkeypatch.setattr(writer_module, "time", FakeTime)
+    reported: list[float] = []
+    writer = GroupCommitWriter(db.write_engine,
+                               on_commit=lambda _n, seconds: reported.append(seconds))
+    other = sqlite3.connect(db.path, isolation_level=None)  # "chat admin", mid-write
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        future = writer.submit(add("waits"))
+        assert read.wait(WAIT)  # the writer took its start time, and now waits for the lock
+        now[0] += 5.0
+        other.execute("COMMIT")
+        assert isinstance(future.result(WAIT), int)
+    finally:
+        other.close()
+        writer.close()
+    assert reported == [5.0]

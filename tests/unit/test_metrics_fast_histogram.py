@@ -66,6 +66,9 @@ def test_observations_from_many_threads_are_all_counted():
     assert found['test_jobs_bucket{le="10.0"}'] == threads * per_thread
     assert found["test_jobs_count"] == threads * per_thread + 1
     assert found["test_jobs_sum"] == ones + 5 * (threads * per_thread - ones) + 50
+    # One cell per thread that observed (the point: no cell is shared, so no observation
+    # can be lost; the GIL makes a shared cell's += lose one too rarely for totals to show).
+    assert len(histogram._cells) == threads + 1
 
 
 def test_the_commit_histograms_of_metrics_are_fast_histograms_of_their_own():
