@@ -7,6 +7,7 @@ tests/integration/test_writer.py; here it is the whole server over the wire.
 
 A read-only database cannot be simulated the same way: Linux refuses to remount a tmpfs
 read-only while the server holds files open for writing, and root ignores file permissions.
+test_read_only.py has SQLite itself refuse the writes instead.
 """
 
 from __future__ import annotations
