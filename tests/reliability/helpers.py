@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 from chatserver.client import ChatClient, ConnectionLost, ServerError
+from chatserver.passwords import HashParameters
+from chatserver.protocol import LoggedIn, Register, Welcome
 from tests.e2e.helpers import error_code, fetch_everything, wait_until  # noqa: F401 - used by the tests here
 from tests.e2e.rawframes import Closed, RawClient
 
@@ -24,6 +26,9 @@ WAIT = 10.0  # bound for anything asynchronous; a guard against hangs, never ass
 # far beyond the per-address registration limit (which has tests of its own in tests/e2e).
 BASE_ARGS = ["--registrations-per-hour", "0"]
 MIB = 1024 * 1024
+# Password hashing for servers started in-process (ChatApp): cheap, so that registering and
+# logging in take no time worth mentioning.
+CHEAP = HashParameters(time_cost=1, memory_kib=64, parallelism=1)
 
 
 def log_has(server, text: str) -> bool:
@@ -130,6 +135,15 @@ class RawPeer(RawClient):
         except OSError:
             pass
         self.close()
+
+
+def logged_in_peer(app, name: str) -> RawPeer:
+    """A RawPeer on the in-process server ``app``, greeted and registered as ``name``."""
+    peer = RawPeer(*app.address)
+    assert isinstance(peer.hello(), Welcome)
+    assert isinstance(peer.request(Register(request_id=2, name=name, password=PASSWORD)),
+                      LoggedIn)
+    return peer
 
 
 # -- a normal client that keeps using the server, to prove it keeps serving -----------------------

@@ -9,18 +9,17 @@ import pytest
 
 from chatserver import domain
 from chatserver.app import ChatApp
-from chatserver.passwords import HashParameters
 from chatserver.protocol import Error, LoggedIn, Ping, Pong, Register, Send, Sent
 from chatserver.server import ServerConfig
 
-from .helpers import PASSWORD, RawPeer
+from .helpers import CHEAP, PASSWORD, RawPeer
 
 
 @pytest.mark.parametrize("together", [True, False], ids=["one-write", "one-by-one"])
 def test_an_unexpected_error_in_a_send_is_an_internal_error_reply_and_nothing_more(
         tmp_path, monkeypatch, together):
     app = ChatApp(str(tmp_path / "c.db"), ServerConfig(port=0, registrations_per_hour=0),
-                  hash_params=HashParameters(time_cost=1, memory_kib=64, parallelism=1))
+                  hash_params=CHEAP)
     app.start()
     try:
         host, port = app.address

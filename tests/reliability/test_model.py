@@ -35,11 +35,11 @@ from hypothesis.stateful import (
 
 from chatserver.app import ChatApp
 from chatserver.client import ChatClient, ServerError
-from chatserver.passwords import HashParameters
 from chatserver.protocol import AccountDeleted, DeleteAccount, Error, Fetch, Logout, Messages, Ok
 from chatserver.server import ServerConfig
 
-CHEAP = HashParameters(time_cost=1, memory_kib=64, parallelism=1)
+from .helpers import CHEAP
+
 CONFIG = ServerConfig(port=0, send_rate=0, registrations_per_hour=0, login_free_failures=-1,
                       heartbeat_interval=0)
 NAMES = st.sampled_from(["alice", "Alice", "bob", "BOB", "carol"])

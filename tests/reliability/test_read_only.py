@@ -12,26 +12,12 @@ from __future__ import annotations
 import pytest
 
 from chatserver.app import ChatApp
-from chatserver.passwords import HashParameters
-from chatserver.protocol import (
-    Error,
-    Fetch,
-    LoggedIn,
-    Messages,
-    Ping,
-    Pong,
-    Register,
-    Send,
-    Sent,
-    Welcome,
-)
+from chatserver.protocol import Error, Fetch, Messages, Ping, Pong, Send, Sent
 from chatserver.server import ServerConfig
 from chatserver.storage.database import SYNC_LEVELS
 from chatserver.storage.repository import Repository
 
-from .helpers import PASSWORD, RawPeer
-
-CHEAP = HashParameters(time_cost=1, memory_kib=64, parallelism=1)
+from .helpers import CHEAP, logged_in_peer
 
 
 @pytest.mark.parametrize("sync", SYNC_LEVELS)
@@ -41,10 +27,7 @@ def test_a_read_only_database_refuses_sends_keeps_what_was_stored_and_recovers(
                   sync=sync, hash_params=CHEAP)
     app.start()
     try:
-        with RawPeer(*app.address) as alice:
-            assert isinstance(alice.hello(), Welcome)
-            assert isinstance(alice.request(Register(request_id=2, name="alice",
-                                                     password=PASSWORD)), LoggedIn)
+        with logged_in_peer(app, "alice") as alice:
             assert isinstance(alice.request(Send(request_id=3, to="alice", body="before")),
                               Sent)
 

@@ -12,13 +12,10 @@ import threading
 import pytest
 
 from chatserver.app import ChatApp
-from chatserver.passwords import HashParameters
-from chatserver.protocol import LoggedIn, Register, Send, Sent, Welcome
+from chatserver.protocol import Send, Sent
 from chatserver.server import ServerConfig
 
-from .helpers import PASSWORD, WAIT, RawPeer, wait_until
-
-CHEAP = HashParameters(time_cost=1, memory_kib=64, parallelism=1)
+from .helpers import CHEAP, WAIT, logged_in_peer, wait_until
 
 
 @pytest.fixture(params=["normal", "full"])
@@ -42,14 +39,6 @@ def ways(app, monkeypatch) -> list[tuple[bool, bool]]:
 
     monkeypatch.setattr(app.service, "submit_send", submit_send)
     return seen
-
-
-def logged_in_peer(app, name: str) -> RawPeer:
-    peer = RawPeer(*app.address)
-    assert isinstance(peer.hello(), Welcome)
-    assert isinstance(peer.request(Register(request_id=2, name=name, password=PASSWORD)),
-                      LoggedIn)
-    return peer
 
 
 def commits(app) -> tuple[int, int]:

@@ -13,10 +13,9 @@ import threading
 import time
 
 from chatserver.app import ChatApp
-from chatserver.passwords import HashParameters
 from chatserver.protocol import Error, LoggedIn, Notice, Push, Register, Send, Sent
 
-from .helpers import PASSWORD, WAIT, RawPeer, fetch_everything, wait_until
+from .helpers import CHEAP, PASSWORD, WAIT, RawPeer, fetch_everything, wait_until
 
 # docs/RELIABILITY.md: the stop takes at most 10 s (connections flush for up to 2 s each, in
 # parallel); interpreter start-up and exit come on top. A bound against hangs, not a benchmark.
@@ -100,7 +99,7 @@ def test_in_process_stop_is_bounded_and_idempotent(tmp_path):
     from chatserver.server import ServerConfig
 
     app = ChatApp(str(tmp_path / "a.db"), ServerConfig(port=0),
-                  hash_params=HashParameters(time_cost=1, memory_kib=64, parallelism=1))
+                  hash_params=CHEAP)
     app.start()
     socks = [socket.create_connection(app.address) for _ in range(20)]
     stoppers = [threading.Thread(target=app.stop, daemon=True) for _ in range(2)]
@@ -120,7 +119,7 @@ def test_stop_of_an_app_that_never_started_returns(tmp_path):
     from chatserver.server import ServerConfig
 
     app = ChatApp(str(tmp_path / "n.db"), ServerConfig(port=0),
-                  hash_params=HashParameters(time_cost=1, memory_kib=64, parallelism=1))
+                  hash_params=CHEAP)
     stopper = threading.Thread(target=app.stop, daemon=True)
     stopper.start()
     stopper.join(5.0)  # a stop with nothing to stop takes milliseconds

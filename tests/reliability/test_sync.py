@@ -13,14 +13,12 @@ import pytest
 from sqlalchemy import text
 
 from chatserver.app import ChatApp
-from chatserver.passwords import HashParameters
 from chatserver.server import ServerConfig
 from chatserver.storage.database import Database
 from chatserver_cli.serve import serve
 
-from .helpers import PASSWORD, fetch_everything, integrity_check
+from .helpers import CHEAP, PASSWORD, fetch_everything, integrity_check
 
-CHEAP = HashParameters(time_cost=1, memory_kib=64, parallelism=1)
 PRAGMA_VALUE = {"full": 2, "normal": 1}  # what PRAGMA synchronous reports
 
 
