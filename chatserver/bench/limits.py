@@ -26,7 +26,7 @@ import time
 
 from chatserver.bench.histogram import Histogram
 from chatserver.bench.target import ProcessProbe, machine_busy_seconds
-from chatserver.storage.database import BUSY_TIMEOUT_MS
+from chatserver.storage.database import BUSY_TIMEOUT_MS, NEW_DATABASE_PAGE_SIZE
 
 now_ns = time.monotonic_ns
 
@@ -106,6 +106,7 @@ def _open(path: str, sync: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute(f"PRAGMA page_size = {NEW_DATABASE_PAGE_SIZE}")  # the server's, for a new file
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {sync.upper()}")
     return conn

@@ -1,8 +1,8 @@
 """WAL checkpoints on a thread of their own, so that commits rarely pay for them.
 
 SQLite copies its write-ahead log back into the database file at a *checkpoint*. By default
-the commit that grows the WAL past a threshold (SQLite's 1,000 pages; 16,000 at --sync normal:
-``database.AUTOCHECKPOINT_PAGES``) runs one itself: it writes every page the WAL
+the commit that grows the WAL past a threshold (~4 MiB, SQLite's 1,000 pages of 4 KiB; ~64 MiB
+at --sync normal: ``database.AUTOCHECKPOINT_BYTES``) runs one itself: it writes every page the WAL
 holds into the database file and syncs both files, a few milliseconds during which that
 commit and every send queued behind it wait. That was the p99 of a send at ``--sync normal``
 (3 ms, against 0.3 ms for the other commits).

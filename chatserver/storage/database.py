@@ -19,16 +19,31 @@ T = TypeVar("T")
 
 SYNC_LEVELS = ("full", "normal")
 BUSY_TIMEOUT_MS = 30_000  # how long a SQLite writer waits for another process's lock
-# WAL size (pages) at which a commit runs SQLite's automatic checkpoint, which syncs the WAL
-# and then the database file. At --sync normal those are the only syncs a commit ever pays:
-# at SQLite's default of 1,000 pages, ~2 ms every ~250 lone sends, a third of all the time
-# spent in COMMIT. 16,000 pages (~64 MiB of WAL before the checkpoint) makes them 16x rarer
-# (4,000 first: 4x). At full every commit syncs the WAL anyway and the checkpoint adds one
-# sync in ~250, so the default stays (BENCHMARKS.md, "What changed").
-AUTOCHECKPOINT_PAGES = {"full": 1000, "normal": 16000}
+# WAL size at which a commit runs SQLite's automatic checkpoint, which syncs the WAL and then
+# the database file. At --sync normal those are the only syncs a commit ever pays: at
+# SQLite's default of 1,000 pages (of 4 KiB), ~2 ms every ~250 lone sends, a third of all
+# the time spent in COMMIT. 16,000 pages of 4 KiB (~64 MiB of WAL before the checkpoint)
+# makes them 16x rarer (4,000 first: 4x). At full every commit syncs the WAL anyway and the
+# checkpoint adds one sync in ~250, so the default stays (BENCHMARKS.md, "What changed").
+# In bytes, so that a database of smaller pages checkpoints as often per message: a frame
+# count would make a batch of acks, which changes 4x as many 1 KiB pages, checkpoint 4x as
+# often (sync full, drain: -13%).
+AUTOCHECKPOINT_BYTES = {"full": 1000 * 4096, "normal": 16_000 * 4096}
+# Page size of a SQLite database this package creates (SQLite's default is 4,096). A WAL
+# frame is one page, and a lone send changes four pages (the message, its recipient index
+# entry, the id counter, the receipt) whatever their size: at 1 KiB each commit writes a
+# quarter of the bytes, the checkpoints copy a quarter, and at --sync normal that was
+# +10% on sends from one client (BENCHMARKS.md, "What changed"). Fixed when the file is
+# created: an existing database keeps its own (DESIGN.md says how to convert one).
+NEW_DATABASE_PAGE_SIZE = 1024
 # Bound parameters are message bodies and password hashes: never put them in an exception
 # text, which could end up in a log.
 _ENGINE_OPTIONS = {"hide_parameters": True}
+
+
+def autocheckpoint_pages(sync: str, page_size: int) -> int:
+    """SQLite's ``wal_autocheckpoint`` (a count of pages) for ``AUTOCHECKPOINT_BYTES``."""
+    return max(1, AUTOCHECKPOINT_BYTES[sync] // page_size)
 
 
 def database_url(path_or_url: str) -> str:
@@ -69,7 +84,8 @@ def _configure_sqlite(engine: Engine, sync: str, begin_sql: str) -> None:
         cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA foreign_keys = ON")
         cur.execute(f"PRAGMA synchronous = {sync.upper()}")
-        cur.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES[sync]}")
+        page_size = cur.execute("PRAGMA page_size").fetchone()[0]
+        cur.execute(f"PRAGMA wal_autocheckpoint = {autocheckpoint_pages(sync, page_size)}")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -237,13 +253,23 @@ class Database:
         SQLite answers with the mode it is in, and keeps the old one where WAL cannot work
         (no shared memory: some network file systems, a VFS without locks). The server's
         design depends on WAL (readers beside the writer, commits on the loop thread that
-        never wait), so anything else is refused rather than run slower and differently."""
+        never wait), so anything else is refused rather than run slower and differently.
+
+        A database with no pages yet (a new file) first gets ``NEW_DATABASE_PAGE_SIZE``:
+        the switch to WAL writes its first page, after which the size is fixed. The pools'
+        connections are then closed: they set their checkpoint threshold for the old size."""
         if self.is_sqlite:
             raw = self.write_engine.raw_connection()
             try:
-                mode = raw.cursor().execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                cursor = raw.cursor()
+                new_file = cursor.execute("PRAGMA page_count").fetchone()[0] == 0
+                if new_file:
+                    cursor.execute(f"PRAGMA page_size = {NEW_DATABASE_PAGE_SIZE}")
+                mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             finally:
                 raw.close()
+            if new_file:
+                self.dispose()
             if str(mode).lower() != "wal":
                 raise UnsuitableDatabase(
                     f"SQLite cannot use WAL mode for {self.display_name} (it stays in "

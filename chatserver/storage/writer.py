@@ -49,8 +49,8 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024  # jobs per transaction; bounds the time a commit holds the write lock
-# Pages a transaction's sub-journal may keep in memory (16 MiB of 4 KiB pages); see
-# ``_small_journal``.
+# Pages a transaction's sub-journal may keep in memory (4 MiB of 1 KiB pages, 16 MiB of
+# 4 KiB); see ``_small_journal``.
 MEMORY_JOURNAL_PAGES = 4096
 _STOP = object()
 

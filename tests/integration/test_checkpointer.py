@@ -14,12 +14,17 @@ import sqlite3
 import pytest
 
 from chatserver.storage.checkpointer import Checkpointer
-from chatserver.storage.database import AUTOCHECKPOINT_PAGES, SYNC_LEVELS, Database
+from chatserver.storage.database import (
+    AUTOCHECKPOINT_BYTES,
+    NEW_DATABASE_PAGE_SIZE,
+    SYNC_LEVELS,
+    Database,
+)
 from chatserver.storage.migrate import ensure_schema
 from chatserver.storage.writer import GroupCommitWriter
 from tests.e2e.helpers import wait_until
 
-PAGE = 4096
+PAGE = NEW_DATABASE_PAGE_SIZE  # of the databases these tests create
 
 
 def names_in_main_file(path: str) -> set[str]:
@@ -69,24 +74,48 @@ def db_at_level(request, db_path):
 
 
 def test_connections_checkpoint_automatically_at_their_sync_levels_threshold(db_at_level):
-    """SQLite's default (1,000 pages) at full; 16,000 at normal, where the checkpoint's syncs
-    are the only ones a commit pays."""
-    expected = {"full": 1000, "normal": 16000}[db_at_level.sync]
-    assert AUTOCHECKPOINT_PAGES[db_at_level.sync] == expected
+    """~4 MiB of WAL at full (SQLite's default of 1,000 pages of 4 KiB); ~64 MiB at normal,
+    where the checkpoint's syncs are the only ones a commit pays. In pages of the file's
+    size: 4,000 and 64,000 for a new database's 1 KiB pages. Every connection of both
+    pools has it, those opened before the new file got its page size included."""
+    assert AUTOCHECKPOINT_BYTES == {"full": 4_096_000, "normal": 65_536_000}
+    expected = {"full": 4000, "normal": 64000}[db_at_level.sync]
     for engine in (db_at_level.write_engine, db_at_level.read_engine):
         with engine.connect() as conn:
             raw = conn.connection.driver_connection
+            assert raw.execute("PRAGMA page_size").fetchone()[0] == 1024
             assert raw.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == expected
+
+
+@pytest.mark.parametrize("sync", SYNC_LEVELS)
+def test_a_database_of_4_kib_pages_checkpoints_at_the_same_size(tmp_path, sync):
+    """An older database keeps SQLite's 4 KiB pages: 1,000 and 16,000 of them."""
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA page_size = 4096")
+    conn.execute("CREATE TABLE placeholder (x)")
+    conn.commit()
+    conn.close()
+    db = Database(path, sync=sync)
+    try:
+        db.enable_wal()
+        with db.write_engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            assert raw.execute("PRAGMA page_size").fetchone()[0] == 4096
+            assert raw.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == \
+                {"full": 1000, "normal": 16000}[sync]
+    finally:
+        db.dispose()
 
 
 @pytest.mark.parametrize("sync", SYNC_LEVELS)
 def test_the_wal_stays_bounded_while_the_writer_never_pauses(db_path, monkeypatch, sync):
     """A passive checkpoint alone never lets the WAL restart under a writer that never
-    pauses; the writer's own automatic checkpoint must still bound it. At normal the
-    threshold is scaled down to 2,000 pages (16,000 would make this write ~400 MB); the
+    pauses; the writer's own automatic checkpoint must still bound it. The threshold is
+    scaled down to 1,000 pages at both levels (64,000 would make this write ~400 MB); the
     mechanism is SQLite's, and the threshold each level really sets is checked above."""
-    monkeypatch.setitem(AUTOCHECKPOINT_PAGES, "normal", 2000)
-    threshold = AUTOCHECKPOINT_PAGES[sync]
+    threshold = 1000
+    monkeypatch.setitem(AUTOCHECKPOINT_BYTES, sync, threshold * PAGE)
     db = Database(db_path, sync=sync)
     ensure_schema(db)
     db.enable_wal()

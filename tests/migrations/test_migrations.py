@@ -552,6 +552,56 @@ def test_zero_byte_file_is_created_at_head(tmp_path):
     assert revision_of(path) == HEAD
 
 
+@pytest.mark.parametrize("start", ["absent", "zero bytes"])
+def test_a_new_database_gets_1_kib_pages(tmp_path, start):
+    """A file this package creates (``chat serve`` makes it zero bytes first, private) gets
+    1 KiB pages: a send's commit changes four pages whatever their size (DESIGN.md)."""
+    path = tmp_path / "new.db"
+    if start == "zero bytes":
+        path.write_bytes(b"")
+    db = Database(str(path))
+    try:
+        ensure_schema(db)
+    finally:
+        db.dispose()
+    assert query(path, "PRAGMA page_size") == [(1024,)]
+    assert query(path, "PRAGMA journal_mode") == [("wal",)]
+    assert revision_of(path) == HEAD
+
+
+def test_an_existing_database_keeps_its_page_size(tmp_path):
+    """A database made before 1 KiB pages (SQLite's 4 KiB) is upgraded and served as it is:
+    the page size is fixed once a file has pages."""
+    path = tmp_path / "chat.db"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA page_size = 4096")
+    conn.execute("CREATE TABLE placeholder (x)")  # gives the file its first pages
+    conn.execute("DROP TABLE placeholder")
+    conn.commit()
+    conn.close()
+    build(path, "0001")
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO accounts VALUES (1, 'Alice', 'alice', 'h', 100)")
+    conn.execute("INSERT INTO messages VALUES (7, 1, 1, 'Alice', 200, 'kept')")
+    conn.commit()
+    conn.close()
+    db = Database(str(path))
+    try:
+        ensure_schema(db)
+        writer = GroupCommitWriter(db.write_engine)
+        try:
+            writer.run(lambda repo: repo.add_account("Bob", "bob", "h", 300))
+        finally:
+            writer.close()
+    finally:
+        db.dispose()
+    assert revision_of(path) == HEAD
+    assert query(path, "PRAGMA page_size") == [(4096,)]
+    assert query(path, "PRAGMA integrity_check") == [("ok",)]
+    assert query(path, "SELECT id, body FROM messages") == [(7, "kept")]
+    assert query(path, "SELECT name FROM accounts ORDER BY id") == [("Alice",), ("Bob",)]
+
+
 def test_database_at_head_is_left_alone(tmp_path):
     path = build(tmp_path / "chat.db")
     conn = sqlite3.connect(path)
