@@ -31,7 +31,7 @@ from chatserver.storage.migrate import SchemaStatus, head_revision, schema_statu
 
 DAY_MS = 86_400_000
 PURGE_BATCH_SIZE = 1000  # rows per write transaction: the server's writers wait at most one batch
-BACKUP_STEP_PAGES = 1024  # pages copied per backup step (4 MiB with 4 KiB pages)
+BACKUP_STEP_PAGES = 1024  # pages copied per backup step (1 MiB of 1 KiB pages, 4 MiB of 4 KiB)
 # A SQLite database's files: the database and the journals that may sit beside it.
 SQLITE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
@@ -472,6 +472,55 @@ def _raise_counters(path: str, counters: dict[str, int] | None) -> dict[str, int
     finally:
         conn.close()
     return {table: own[table] + 1 for table in _COUNTERS}
+
+
+# -- vacuum -----------------------------------------------------------------------------------
+
+PAGE_SIZES = tuple(1 << n for n in range(9, 17))  # what SQLite allows: 512 B to 64 KiB
+
+
+@dataclass(frozen=True)
+class VacuumResult:
+    path: str
+    page_size_before: int
+    page_size: int
+    bytes_before: int  # the database file once its WAL is folded in
+    bytes_after: int
+
+
+def vacuum(db_path: str, page_size: int = database.NEW_DATABASE_PAGE_SIZE) -> VacuumResult:
+    """Rebuild the SQLite database at ``db_path`` with pages of ``page_size`` bytes.
+
+    SQLite's ``VACUUM`` writes every table and index anew, packed, and frees unused pages;
+    rows keep their ids, and the AUTOINCREMENT counters are kept, so no id is handed out
+    again. It is how a database made before this package's 1 KiB pages gets them (docs/
+    DESIGN.md). A WAL database cannot change its page size, so the database leaves WAL mode
+    for it (which needs every other connection closed: refused while the server runs) and
+    goes back to WAL after. ``VACUUM`` is one transaction: if it fails (it needs about the
+    database's size free on the disk) the database is as it was.
+    """
+    db_path = os.path.abspath(db_path)
+    if page_size not in PAGE_SIZES:
+        raise AdminError(f"a page size is a power of two from 512 to 65536, not {page_size}")
+    if not os.path.isfile(db_path):
+        raise AdminError(f"no database at {db_path}")
+    if _stop_using(db_path) is None:
+        raise AdminError(f"{db_path} is not a chat database, or cannot be read")
+    before = os.path.getsize(db_path)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        try:
+            old = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA page_size = {page_size}")
+            conn.execute("VACUUM")
+            new = conn.execute("PRAGMA page_size").fetchone()[0]
+        finally:
+            conn.execute("PRAGMA journal_mode = WAL").fetchone()
+    except sqlite3.Error as exc:
+        raise AdminError(f"vacuum failed: {exc}") from None
+    finally:
+        conn.close()
+    return VacuumResult(db_path, old, new, before, os.path.getsize(db_path))
 
 
 # -- schema -----------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_every_admin_command_has_a_summary_and_an_example():
     group = cli.commands["admin"]
     assert set(group.commands) == {
         "list-accounts", "show-account", "delete-account", "reset-password", "stats", "backup",
-        "restore", "purge", "migrate", "db-status"}
+        "restore", "purge", "vacuum", "migrate", "db-status"}
     for name, command in [("admin", group), *group.commands.items()]:
         args = ["admin", "--help"] if name == "admin" else ["admin", name, "--help"]
         result = CliRunner().invoke(cli, args)
@@ -520,6 +520,108 @@ def test_restore_into_a_new_place_and_asks_first(full_db, tmp_path):
     assert result.exit_code == 0, result.output
     assert names(fresh) == ["alice", "Bob", "carol"]
     assert "set the replaced database aside" not in result.stdout
+
+
+# -- vacuum -----------------------------------------------------------------------------------
+
+
+def sqlite_query(path: str, sql: str) -> list[tuple]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def contents(path: str) -> dict[str, list[tuple]]:
+    return {table: sorted(sqlite_query(path, f"SELECT * FROM {table}"))
+            for table in ("accounts", "messages", "send_receipts", "sqlite_sequence",
+                          "alembic_version")}
+
+
+def with_4_kib_pages(path: str) -> str:
+    """The database as one made before chat created 1 KiB pages (SQLite's 4 KiB)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = DELETE").fetchone()
+        conn.execute("PRAGMA page_size = 4096")
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA journal_mode = WAL").fetchone()
+    finally:
+        conn.close()
+    assert sqlite_query(path, "PRAGMA page_size") == [(4096,)]
+    return path
+
+
+def test_vacuum_gives_an_old_database_1_kib_pages_and_keeps_everything(full_db):
+    with_4_kib_pages(full_db)
+    last_account, last_message = add_later(full_db, "dave", 3)
+    db = Database(full_db)
+    try:  # an acknowledged message with the highest id: its id must not come back
+        with db.unit_of_work() as uow:
+            uow.conn.exec_driver_sql("DELETE FROM messages WHERE id = ?", (last_message,))
+            uow.commit()
+    finally:
+        db.dispose()
+    before = contents(full_db)
+    result = run("vacuum", "--db", full_db)
+    assert result.exit_code == 0, result.output
+    [line] = result.stdout.splitlines()
+    assert line.startswith(f"vacuumed {full_db}: ")
+    assert line.endswith(", pages of 4,096 -> 1,024 bytes")
+    assert sqlite_query(full_db, "PRAGMA page_size") == [(1024,)]
+    assert sqlite_query(full_db, "PRAGMA journal_mode") == [("wal",)]
+    assert sqlite_query(full_db, "PRAGMA integrity_check") == [("ok",)]
+    assert stat.S_IMODE(os.stat(full_db).st_mode) == 0o600
+    assert contents(full_db) == before
+    assert names(full_db) == ["alice", "Bob", "carol", "dave"]
+    assert next_ids(full_db) == (last_account + 1, last_message + 1)
+
+
+def test_vacuum_to_a_chosen_page_size(full_db):
+    result = run("vacuum", "--db", full_db, "--page-size", "4096")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith(", pages of 1,024 -> 4,096 bytes\n")
+    assert sqlite_query(full_db, "PRAGMA page_size") == [(4096,)]
+    assert names(full_db) == ["alice", "Bob", "carol"]
+    result = run("vacuum", "--db", full_db, "--page-size", "1000")
+    assert result.exit_code == 2 and "'1000' is not one of" in result.stderr
+    with pytest.raises(lib.AdminError, match="a page size is a power of two"):
+        lib.vacuum(full_db, 1000)
+
+
+def test_vacuum_refuses_while_the_database_is_open(full_db):
+    with_4_kib_pages(full_db)
+    before = contents(full_db)
+    hold_open = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                 "c.execute('SELECT count(*) FROM accounts').fetchall(); "
+                 "print('open', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen(  # another process with the database open, as a server has
+        [sys.executable, "-c", hold_open, full_db],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        one_line_error(run("vacuum", "--db", full_db),
+                       f"{full_db} is in use (is chat serve running on it?); stop the server "
+                       "first")
+    finally:
+        holder.communicate("", timeout=30)
+    assert sqlite_query(full_db, "PRAGMA page_size") == [(4096,)]
+    assert contents(full_db) == before
+
+
+def test_vacuum_refuses_what_it_cannot_rebuild(tmp_path):
+    one_line_error(run("vacuum", "--db", "postgresql://chat@localhost/chat"),
+                   "vacuum rebuilds SQLite files; PostgreSQL has VACUUM FULL")
+    one_line_error(run("vacuum", "--db", str(tmp_path / "missing.db")),
+                   f"no database at {tmp_path / 'missing.db'}")
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    result = run("vacuum", "--db", str(other))
+    assert result.exit_code == 1 and "not a chat database" in result.stderr
+    assert sqlite_query(str(other), "PRAGMA journal_mode") == [("delete",)]  # untouched
 
 
 def test_backup_shows_progress_on_a_terminal(full_db, tmp_path, monkeypatch):
