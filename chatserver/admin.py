@@ -496,8 +496,8 @@ def vacuum(db_path: str, page_size: int = database.NEW_DATABASE_PAGE_SIZE) -> Va
     again. It is how a database made before this package's 1 KiB pages gets them (docs/
     DESIGN.md). A WAL database cannot change its page size, so the database leaves WAL mode
     for it (which needs every other connection closed: refused while the server runs) and
-    goes back to WAL after. ``VACUUM`` is one transaction: if it fails (it needs about the
-    database's size free on the disk) the database is as it was.
+    goes back to WAL after. ``VACUUM`` is one transaction: if it fails (it needs up to twice
+    the database's size free: a temporary copy and a journal) the database is as it was.
     """
     db_path = os.path.abspath(db_path)
     if page_size not in PAGE_SIZES:

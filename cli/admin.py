@@ -536,9 +536,9 @@ def vacuum(db, page_size) -> None:
 
     For SQLite files. Refuses while anything has the database open (stop chat serve
     first). Rows keep their ids and no id is handed out again. A database made before
-    chat used 1 KiB pages keeps 4 KiB ones until this is run (docs/DESIGN.md); it needs
-    about the database's size free on the disk, and leaves the database as it was if it
-    fails.
+    chat used 1 KiB pages keeps 4 KiB ones until this is run (docs/DESIGN.md). It needs up
+    to twice the database's size free on the disk, and leaves the database as it was if
+    it fails.
 
     \b
     Example:

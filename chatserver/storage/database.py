@@ -25,9 +25,9 @@ BUSY_TIMEOUT_MS = 30_000  # how long a SQLite writer waits for another process's
 # the time spent in COMMIT. 16,000 pages of 4 KiB (~64 MiB of WAL before the checkpoint)
 # makes them 16x rarer (4,000 first: 4x). At full every commit syncs the WAL anyway and the
 # checkpoint adds one sync in ~250, so the default stays (BENCHMARKS.md, "What changed").
-# In bytes, so that a database of smaller pages checkpoints as often per message: a frame
-# count would make a batch of acks, which changes 4x as many 1 KiB pages, checkpoint 4x as
-# often (sync full, drain: -13%).
+# In bytes, so that a database of smaller pages checkpoints as often per message: a count
+# of frames would make a batch of acks, which changes four times as many 1 KiB pages as
+# 4 KiB ones, checkpoint four times as often.
 AUTOCHECKPOINT_BYTES = {"full": 1000 * 4096, "normal": 16_000 * 4096}
 # Page size of a SQLite database this package creates (SQLite's default is 4,096). A WAL
 # frame is one page, and a lone send changes four pages (the message, its recipient index
