@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 
 import click
 import pytest
@@ -436,6 +437,25 @@ def names(path: str) -> list[str]:
     return [r["name"] for r in json.loads(run("list-accounts", "--db", path, "--json").stdout)]
 
 
+@contextmanager
+def held_open(path: str):
+    """Another process with the database open, as a running server has it."""
+    hold_open = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                 "c.execute('SELECT count(*) FROM accounts').fetchall(); "
+                 "print('open', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", hold_open, path],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        yield
+    finally:
+        holder.communicate("", timeout=30)
+
+
+def in_use(path: str) -> str:
+    return f"{path} is in use (is chat serve running on it?); stop the server first"
+
+
 def test_restore_puts_the_backup_back_and_ids_keep_growing(full_db, tmp_path):
     backup = str(tmp_path / "backup.db")
     assert run("backup", backup, "--db", full_db).exit_code == 0
@@ -461,19 +481,8 @@ def test_restore_refuses_while_the_database_is_open(full_db, tmp_path):
     backup = str(tmp_path / "backup.db")
     assert run("backup", backup, "--db", full_db).exit_code == 0
     add_later(full_db, "dave", 1)
-    hold_open = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
-                 "c.execute('SELECT count(*) FROM accounts').fetchall(); "
-                 "print('open', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen(  # another process with the database open, as a server has
-        [sys.executable, "-c", hold_open, full_db],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "open\n"
-        one_line_error(run("restore", backup, "--db", full_db, "--yes"),
-                       f"{full_db} is in use (is chat serve running on it?); stop the server "
-                       "first")
-    finally:
-        holder.communicate("", timeout=30)
+    with held_open(full_db):
+        one_line_error(run("restore", backup, "--db", full_db, "--yes"), in_use(full_db))
     assert names(full_db) == ["alice", "Bob", "carol", "dave"]  # untouched
     assert not [f for f in os.listdir(tmp_path) if "before-restore" in f or "restoring" in f]
 
@@ -593,19 +602,8 @@ def test_vacuum_to_a_chosen_page_size(full_db):
 def test_vacuum_refuses_while_the_database_is_open(full_db):
     with_4_kib_pages(full_db)
     before = contents(full_db)
-    hold_open = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
-                 "c.execute('SELECT count(*) FROM accounts').fetchall(); "
-                 "print('open', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen(  # another process with the database open, as a server has
-        [sys.executable, "-c", hold_open, full_db],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "open\n"
-        one_line_error(run("vacuum", "--db", full_db),
-                       f"{full_db} is in use (is chat serve running on it?); stop the server "
-                       "first")
-    finally:
-        holder.communicate("", timeout=30)
+    with held_open(full_db):
+        one_line_error(run("vacuum", "--db", full_db), in_use(full_db))
     assert sqlite_query(full_db, "PRAGMA page_size") == [(4096,)]
     assert contents(full_db) == before
 
