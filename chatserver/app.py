@@ -15,7 +15,7 @@ from chatserver.service import ChatService
 from chatserver.sessions import corked
 from chatserver.storage.announce import Announcer, Listener, channel_for, new_origin
 from chatserver.storage.checkpointer import Checkpointer
-from chatserver.storage.database import Database, create_private_file
+from chatserver.storage.database import NEW_DATABASE_PAGE_SIZE, Database, create_private_file
 from chatserver.storage.migrate import ensure_schema
 from chatserver.storage.writer import GroupCommitWriter
 
@@ -43,6 +43,10 @@ class ChatApp:
         try:
             ensure_schema(self.db, allow_upgrade=migrate)
             self.db.enable_wal()
+            if self.db.is_sqlite and self.db.page_size() != NEW_DATABASE_PAGE_SIZE:
+                log.info("%s has pages of %d bytes (new databases get %d, for faster commits); "
+                         "with the server stopped, chat admin vacuum converts it",
+                         self.db.path, self.db.page_size(), NEW_DATABASE_PAGE_SIZE)
             # SQLite: checkpoints off the commit path (see storage/checkpointer.py).
             self.checkpointer = Checkpointer(self.db.write_engine) if self.db.is_sqlite else None
             self.writer = GroupCommitWriter(self.db.write_engine, on_commit=self._committed,

@@ -276,6 +276,11 @@ class Database:
                     f"{mode!r} mode): WAL needs shared memory and file locks, which this file "
                     f"system or VFS does not give; put the database on a local disk")
 
+    def page_size(self) -> int:
+        """SQLite: the file's page size in bytes."""
+        with self.read_engine.connect() as conn:
+            return conn.connection.driver_connection.execute("PRAGMA page_size").fetchone()[0]
+
     @contextmanager
     def unit_of_work(self) -> Iterator[UnitOfWork]:
         """A write transaction that rolls back unless ``commit()`` is called."""

@@ -7,6 +7,7 @@ through migrations/env.py), never with ``metadata.create_all``.
 
 from __future__ import annotations
 
+import logging
 import random
 import sqlite3
 import subprocess
@@ -21,8 +22,10 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect
 
+from chatserver.app import ChatApp
 from chatserver.errors import InvalidCredentials
 from chatserver.passwords import HashParameters, PasswordHasher
+from chatserver.server import ServerConfig
 from chatserver.service import ChatService
 from chatserver.storage.database import Database, database_url
 from chatserver.storage.migrate import (
@@ -572,13 +575,7 @@ def test_a_new_database_gets_1_kib_pages(tmp_path, start):
 def test_an_existing_database_keeps_its_page_size(tmp_path):
     """A database made before 1 KiB pages (SQLite's 4 KiB) is upgraded and served as it is:
     the page size is fixed once a file has pages."""
-    path = tmp_path / "chat.db"
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA page_size = 4096")
-    conn.execute("CREATE TABLE placeholder (x)")  # gives the file its first pages
-    conn.execute("DROP TABLE placeholder")
-    conn.commit()
-    conn.close()
+    path = with_pages_of(tmp_path / "chat.db", 4096)
     build(path, "0001")
     conn = sqlite3.connect(path)
     conn.execute("INSERT INTO accounts VALUES (1, 'Alice', 'alice', 'h', 100)")
@@ -600,6 +597,31 @@ def test_an_existing_database_keeps_its_page_size(tmp_path):
     assert query(path, "PRAGMA integrity_check") == [("ok",)]
     assert query(path, "SELECT id, body FROM messages") == [(7, "kept")]
     assert query(path, "SELECT name FROM accounts ORDER BY id") == [("Alice",), ("Bob",)]
+
+
+def with_pages_of(path: Path, size: int) -> Path:
+    """A file that already has pages of ``size`` bytes (so they stay), and no tables."""
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA page_size = {size}")
+    conn.execute("CREATE TABLE placeholder (x)")  # gives the file its first pages
+    conn.execute("DROP TABLE placeholder")
+    conn.commit()
+    conn.close()
+    return path
+
+
+@pytest.mark.parametrize(("pages", "hint"), [(None, False), (1024, False), (4096, True)])
+def test_the_server_says_how_to_give_a_database_1_kib_pages(tmp_path, caplog, pages, hint):
+    path = tmp_path / "chat.db"
+    if pages:
+        with_pages_of(path, pages)
+    with caplog.at_level(logging.INFO, logger="chatserver"):
+        app = ChatApp(str(path), ServerConfig(host="127.0.0.1", port=0))
+        app.stop()
+    said = [r.getMessage() for r in caplog.records if "chat admin vacuum" in r.getMessage()]
+    hint_text = (f"{path} has pages of 4096 bytes (new databases get 1024, for faster "
+                 "commits); with the server stopped, chat admin vacuum converts it")
+    assert said == ([hint_text] if hint else [])
 
 
 def test_database_at_head_is_left_alone(tmp_path):
