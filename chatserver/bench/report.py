@@ -16,6 +16,7 @@ from chatserver.bench.workloads import Row
 #                1 / (1/commit rate + 1/loopback round trips per second), with the
 #                faster of the two round trips (an echo server that sleeps or that polls)
 #   sends-8      8 clients can share a commit: min(8 x the sends-1 limit, batched inserts)
+#   live-1, live-8  as sends-1 and sends-8 (the push rides on the same commit)
 #   sends-8x32, queue, live-max, live-max-8
 #                group commit at best: rows/s of 1,000-row INSERT transactions
 #   drain        rows/s of SELECT 1,000 oldest + DELETE them + COMMIT
@@ -26,6 +27,8 @@ LIMIT_DESCRIPTIONS = {
     "queue": "sqlite insert x1000",
     "live-max": "sqlite insert x1000",
     "live-max-8": "sqlite insert x1000",
+    "live-1": "1/(1/commit + 1/fastest round trip)",
+    "live-8": "min(8 x sends-1 limit, insert x1000)",
     "drain": "sqlite fetch+delete x1000",
 }
 
@@ -43,9 +46,9 @@ def limit_value(key: str | None, limits: list[dict] | None, sync: str) -> float 
     rtt = max((rate[name] for name in (LOOPBACK, LOOPBACK_POLLING) if rate.get(name)),
               default=None)
     serial = 1 / (1 / commit + 1 / rtt) if commit and rtt else None
-    if key == "sends-1":
+    if key in ("sends-1", "live-1"):
         return serial
-    if key == "sends-8":
+    if key in ("sends-8", "live-8"):
         return min(8 * serial, insert) if serial and insert else None
     if key in ("sends-8x32", "queue", "live-max", "live-max-8"):
         return insert

@@ -648,6 +648,11 @@ class Bench:
                  f"send-to-push latency, {LIVE_RATE:,} msgs/s offered to 1 online recipient"),
                 ("live-max", 1, None, 32, "pushes/s to 1 online recipient, 1 sender x 32"),
                 ("live-max-8", 8, None, 32, "pushes/s to 1 online recipient, 8 senders x 32"),
+                # The figures for the in-memory original were taken this way.
+                ("live-1", 1, None, 1,
+                 "pushes/s to 1 online recipient, 1 sender waiting for each reply"),
+                ("live-8", 8, None, 1,
+                 "pushes/s to 1 online recipient, 8 senders waiting for each reply"),
             ):
                 self._current = f"live ({name})"
                 recipient = self.name("r")

@@ -89,7 +89,8 @@ def test_table_has_a_header_and_one_row_per_measurement():
             break
         cells = line.split()
         rows[cells[0]] = cells
-    assert list(rows) == ["sends-8x32", "live-1000/s", "live-max", "live-max-8", "connections"]
+    assert list(rows) == ["sends-8x32", "live-1000/s", "live-max", "live-max-8", "live-1",
+                          "live-8", "connections"]
     for name, cells in rows.items():
         assert int(cells[1].replace(",", "")) > 0, (name, line)
     assert "sync=normal" in result.stdout
@@ -191,3 +192,16 @@ def test_the_sends_1_ceiling_takes_the_faster_loopback_round_trip():
     limits[2]["rate"] = 10_000.0
     assert limit_value("sends-1", limits, "normal") == pytest.approx(1 / (1 / 40_000 + 1 / 20_000))
     assert limit_value("sends-1", limits[:2], "normal") == pytest.approx(1 / (1 / 40_000 + 1 / 20_000))
+
+
+def test_live_delivery_waiting_for_replies_has_the_sends_ceilings():
+    """live-1 and live-8 are sends-1 and sends-8 with the recipient online: the push rides
+    on the same commit, so their ceilings are the same."""
+    limits = [{"name": "sqlite commit (normal)", "rate": 40_000.0},
+              {"name": "sqlite insert x1000 (normal)", "rate": 100_000.0},
+              {"name": "loopback round trip", "rate": 40_000.0}]
+    assert limit_value("live-1", limits, "normal") == pytest.approx(20_000.0)
+    assert limit_value("live-8", limits, "normal") == pytest.approx(100_000.0)
+    limits[1]["rate"] = 1_000_000.0
+    assert limit_value("live-8", limits, "normal") == pytest.approx(160_000.0)
+    assert limit_value("live-8", limits, "normal") == limit_value("sends-8", limits, "normal")
