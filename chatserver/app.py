@@ -43,10 +43,11 @@ class ChatApp:
         try:
             ensure_schema(self.db, allow_upgrade=migrate)
             self.db.enable_wal()
-            if self.db.is_sqlite and self.db.page_size() != NEW_DATABASE_PAGE_SIZE:
+            page_size = self.db.page_size() if self.db.is_sqlite else NEW_DATABASE_PAGE_SIZE
+            if page_size != NEW_DATABASE_PAGE_SIZE:
                 log.info("%s has pages of %d bytes (new databases get %d, for faster commits); "
                          "with the server stopped, chat admin vacuum converts it",
-                         self.db.path, self.db.page_size(), NEW_DATABASE_PAGE_SIZE)
+                         self.db.path, page_size, NEW_DATABASE_PAGE_SIZE)
             # SQLite: checkpoints off the commit path (see storage/checkpointer.py).
             self.checkpointer = Checkpointer(self.db.write_engine) if self.db.is_sqlite else None
             self.writer = GroupCommitWriter(self.db.write_engine, on_commit=self._committed,
