@@ -25,6 +25,7 @@ from chatserver.storage.database import Database
 from chatserver.storage.migrate import ensure_schema, head_revision, schema_status, upgrade
 from chatserver_cli import admin as admin_cli
 from chatserver_cli.main import cli
+from tests.sqlite_files import query
 
 DAY = lib.DAY_MS
 NOW = 1_790_000_000_000  # 2026-09-21 14:13:20Z
@@ -534,16 +535,8 @@ def test_restore_into_a_new_place_and_asks_first(full_db, tmp_path):
 # -- vacuum -----------------------------------------------------------------------------------
 
 
-def sqlite_query(path: str, sql: str) -> list[tuple]:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
-
-
 def contents(path: str) -> dict[str, list[tuple]]:
-    return {table: sorted(sqlite_query(path, f"SELECT * FROM {table}"))
+    return {table: sorted(query(path, f"SELECT * FROM {table}"))
             for table in ("accounts", "messages", "send_receipts", "sqlite_sequence",
                           "alembic_version")}
 
@@ -558,7 +551,7 @@ def with_4_kib_pages(path: str) -> str:
         conn.execute("PRAGMA journal_mode = WAL").fetchone()
     finally:
         conn.close()
-    assert sqlite_query(path, "PRAGMA page_size") == [(4096,)]
+    assert query(path, "PRAGMA page_size") == [(4096,)]
     return path
 
 
@@ -578,9 +571,9 @@ def test_vacuum_gives_an_old_database_1_kib_pages_and_keeps_everything(full_db):
     [line] = result.stdout.splitlines()
     assert line.startswith(f"vacuumed {full_db}: ")
     assert line.endswith(", pages of 4,096 -> 1,024 bytes")
-    assert sqlite_query(full_db, "PRAGMA page_size") == [(1024,)]
-    assert sqlite_query(full_db, "PRAGMA journal_mode") == [("wal",)]
-    assert sqlite_query(full_db, "PRAGMA integrity_check") == [("ok",)]
+    assert query(full_db, "PRAGMA page_size") == [(1024,)]
+    assert query(full_db, "PRAGMA journal_mode") == [("wal",)]
+    assert query(full_db, "PRAGMA integrity_check") == [("ok",)]
     assert stat.S_IMODE(os.stat(full_db).st_mode) == 0o600
     assert contents(full_db) == before
     assert names(full_db) == ["alice", "Bob", "carol", "dave"]
@@ -591,7 +584,7 @@ def test_vacuum_to_a_chosen_page_size(full_db):
     result = run("vacuum", "--db", full_db, "--page-size", "4096")
     assert result.exit_code == 0, result.output
     assert result.stdout.endswith(", pages of 1,024 -> 4,096 bytes\n")
-    assert sqlite_query(full_db, "PRAGMA page_size") == [(4096,)]
+    assert query(full_db, "PRAGMA page_size") == [(4096,)]
     assert names(full_db) == ["alice", "Bob", "carol"]
     result = run("vacuum", "--db", full_db, "--page-size", "1000")
     assert result.exit_code == 2 and "'1000' is not one of" in result.stderr
@@ -604,7 +597,7 @@ def test_vacuum_refuses_while_the_database_is_open(full_db):
     before = contents(full_db)
     with held_open(full_db):
         one_line_error(run("vacuum", "--db", full_db), in_use(full_db))
-    assert sqlite_query(full_db, "PRAGMA page_size") == [(4096,)]
+    assert query(full_db, "PRAGMA page_size") == [(4096,)]
     assert contents(full_db) == before
 
 
@@ -619,7 +612,7 @@ def test_vacuum_refuses_what_it_cannot_rebuild(tmp_path):
     conn.close()
     result = run("vacuum", "--db", str(other))
     assert result.exit_code == 1 and "not a chat database" in result.stderr
-    assert sqlite_query(str(other), "PRAGMA journal_mode") == [("delete",)]  # untouched
+    assert query(str(other), "PRAGMA journal_mode") == [("delete",)]  # untouched
 
 
 def test_backup_shows_progress_on_a_terminal(full_db, tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ from chatserver.storage.database import (
 from chatserver.storage.migrate import ensure_schema
 from chatserver.storage.writer import GroupCommitWriter
 from tests.e2e.helpers import wait_until
+from tests.sqlite_files import with_pages_of
 
 PAGE = NEW_DATABASE_PAGE_SIZE  # of the databases these tests create
 
@@ -90,12 +91,7 @@ def test_connections_checkpoint_automatically_at_their_sync_levels_threshold(db_
 @pytest.mark.parametrize("sync", SYNC_LEVELS)
 def test_a_database_of_4_kib_pages_checkpoints_at_the_same_size(tmp_path, sync):
     """An older database keeps SQLite's 4 KiB pages: 1,000 and 16,000 of them."""
-    path = str(tmp_path / "old.db")
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA page_size = 4096")
-    conn.execute("CREATE TABLE placeholder (x)")
-    conn.commit()
-    conn.close()
+    path = with_pages_of(str(tmp_path / "old.db"), 4096)
     db = Database(path, sync=sync)
     try:
         db.enable_wal()

@@ -38,6 +38,7 @@ from chatserver.storage.migrate import (
 )
 from chatserver.storage.tables import Base
 from chatserver.storage.writer import GroupCommitWriter
+from tests.sqlite_files import query, with_pages_of
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HEAD = "0004"
@@ -54,14 +55,6 @@ def revision_of(path: Path) -> str | None:
             return None
         row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
         return row[0] if row else None
-    finally:
-        conn.close()
-
-
-def query(path: Path, sql: str, params: tuple = ()) -> list[tuple]:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
 
@@ -597,17 +590,6 @@ def test_an_existing_database_keeps_its_page_size(tmp_path):
     assert query(path, "PRAGMA integrity_check") == [("ok",)]
     assert query(path, "SELECT id, body FROM messages") == [(7, "kept")]
     assert query(path, "SELECT name FROM accounts ORDER BY id") == [("Alice",), ("Bob",)]
-
-
-def with_pages_of(path: Path, size: int) -> Path:
-    """A file that already has pages of ``size`` bytes (so they stay), and no tables."""
-    conn = sqlite3.connect(path)
-    conn.execute(f"PRAGMA page_size = {size}")
-    conn.execute("CREATE TABLE placeholder (x)")  # gives the file its first pages
-    conn.execute("DROP TABLE placeholder")
-    conn.commit()
-    conn.close()
-    return path
 
 
 @pytest.mark.parametrize(("pages", "hint"), [(None, False), (1024, False), (4096, True)])
